@@ -1,0 +1,73 @@
+"""The one exception tree of fedrwe.
+
+Every error a user can meet is one of these; each message names *where* (site, table,
+field), *what* (the value) and *the fix*.
+
+    FedRWEError
+     +-- ProtocolError          a study protocol or round request is malformed
+     +-- DataError              a site's tables are missing, broken or unusable
+     |    +-- MissingTableError one OMOP table is absent at a site
+     +-- DisclosureRefused      the site's disclosure guard refused a release
+     +-- InsufficientSites      too few sites answered a round
+     +-- ConvergenceError       an iterative fit did not converge
+     +-- SiteError              a site answered a round with an error
+     +-- TransportError         a process, port or message could not be used
+     +-- InvalidEnvelope        a message failed verification (opaque on purpose)
+"""
+
+from __future__ import annotations
+
+
+class FedRWEError(Exception):
+    """Base of every fedrwe error."""
+
+
+class ProtocolError(FedRWEError):
+    """A study protocol or a round request is malformed."""
+
+
+class DataError(FedRWEError):
+    """A site's data cannot be used for the study as asked."""
+
+
+class MissingTableError(DataError):
+    """An OMOP table the study needs is not present at a site."""
+
+    def __init__(self, site_id: str, table: str, path: str) -> None:
+        self.site_id = site_id
+        self.table = table
+        self.path = path
+        super().__init__(
+            f"site {site_id!r}: OMOP table {table!r} is missing (no Delta table at {path}). "
+            f"Fix: ingest the site's OMOP export ({table} included) into {path}, "
+            f"or point the site's config `lake` at the folder that holds it."
+        )
+
+
+class DisclosureRefused(FedRWEError):
+    """The site's disclosure guard refused to release a reply."""
+
+
+class InsufficientSites(FedRWEError):
+    """Fewer sites answered a round than the study needs."""
+
+
+class ConvergenceError(FedRWEError):
+    """An iterative estimator did not converge."""
+
+
+class SiteError(FedRWEError):
+    """A site answered a round with an error; the message carries the site's reason."""
+
+    def __init__(self, site_id: str, reason: str) -> None:
+        self.site_id = site_id
+        self.reason = reason
+        super().__init__(f"site {site_id!r} failed: {reason}")
+
+
+class TransportError(FedRWEError):
+    """A process, port or message of the transport could not be used."""
+
+
+class InvalidEnvelope(FedRWEError):
+    """A message failed verification. Deliberately opaque: it never says why."""
