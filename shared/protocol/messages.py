@@ -1,0 +1,97 @@
+"""Round requests and replies: what travels between the coordinator and a site.
+
+Both are canonical JSON (sorted keys, no spaces, UTF-8). Floats survive the trip exactly
+(Python writes the shortest repr that reads back to the same double).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.errors import ProtocolError
+
+MESSAGE_SCHEMA_VERSION = 1
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(self.model_dump(mode="json"))
+
+
+class RoundRequest(_Message):
+    """One round of a study: which partial computations a site runs, with their inputs."""
+
+    schema_version: Literal[1] = MESSAGE_SCHEMA_VERSION
+    kind: Literal["study_round"] = "study_round"
+    study_id: str
+    round_name: str = Field(description="e.g. '1-summary', '2-cox-newton'.")
+    round_index: int = Field(ge=1)
+    protocol: dict[str, Any] = Field(description="The full protocol, as JSON.")
+    protocol_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tasks: dict[str, dict[str, Any]] = Field(description="Partial computation name -> inputs.")
+
+
+class RoundReply(_Message):
+    """A site's answer: the partial results, or why it could not or would not answer."""
+
+    schema_version: Literal[1] = MESSAGE_SCHEMA_VERSION
+    status: Literal["ok", "error", "refused"]
+    site_id: str
+    study_id: str | None = None
+    round_name: str | None = None
+    results: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+
+
+M = TypeVar("M", bound="_Message")
+
+
+def canonical_json(data: Any) -> bytes:
+    """Canonical bytes of JSON data (also what gets hashed and signed)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _load(payload: bytes, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ProtocolError(f"{what} is not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{what} must be a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version != MESSAGE_SCHEMA_VERSION:
+        raise ProtocolError(
+            f"{what} has schema_version {version!r}; this fedrwe speaks {MESSAGE_SCHEMA_VERSION}. "
+            f"Fix: run the same fedrwe version on the coordinator and every site."
+        )
+    return data
+
+
+def _validate(model: type[M], data: dict[str, Any], what: str) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        fields = "; ".join(f"`{'.'.join(map(str, e['loc']))}`: {e['msg']}" for e in error.errors())
+        raise ProtocolError(f"{what} is malformed: {fields}") from None
+
+
+def decode_request(payload: bytes) -> RoundRequest:
+    return _validate(RoundRequest, _load(payload, "round request"), "round request")
+
+
+def decode_reply(payload: bytes) -> RoundReply:
+    return _validate(RoundReply, _load(payload, "round reply"), "round reply")
+
+
+def is_ping(payload: bytes) -> bool:
+    """True for a health-check request ``{"kind": "ping"}`` (answered without a study)."""
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == "ping"

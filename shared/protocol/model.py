@@ -1,0 +1,216 @@
+"""The study protocol: what a study lead declares and every site agrees to run.
+
+A protocol is YAML validated by these pydantic models. Unknown fields are errors (a typo
+must not silently change a study). Codes are source codes by vocabulary for now; a later
+schema version adds standard concept ids with descendants, next to ``include``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.errors import ProtocolError
+
+SCHEMA_VERSION = 1
+_CODE = re.compile(r"^[A-Za-z0-9.\-]+\*?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CodeSet(_Strict):
+    """Source codes of one vocabulary; ``F14.*`` matches every code starting with ``F14.``."""
+
+    vocabulary: Literal["ICD10CM", "RxNorm"] = Field(description="Vocabulary of the codes.")
+    include: list[str] = Field(min_length=1, description="Codes or prefixes ending in `*`.")
+    exclude: list[str] = Field(default_factory=list, description="Codes removed from `include`.")
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _codes_are_well_formed(cls, codes: list[str]) -> list[str]:
+        for code in codes:
+            if not _CODE.match(code):
+                raise ValueError(
+                    f"code {code!r} is not a source code or a prefix ending in '*' (e.g. 'F14.*')"
+                )
+        return codes
+
+
+class Population(_Strict):
+    """Who can enter the study: persons with an entry condition, of a minimum age at index."""
+
+    name: str = Field(min_length=1)
+    entry: CodeSet = Field(description="Condition codes whose first record is the entry date.")
+    min_age: int = Field(default=18, ge=0, le=120, description="Minimum age in years at index.")
+
+
+class Exposure(_Strict):
+    """The drug given to the exposed arm."""
+
+    name: str = Field(min_length=1)
+    codes: CodeSet
+
+
+class Comparator(_Strict):
+    """The active comparator drugs."""
+
+    name: str = Field(min_length=1)
+    codes: CodeSet
+    never_exposed: bool = Field(
+        default=True, description="Comparator patients never received the exposure drug."
+    )
+
+
+class Outcome(_Strict):
+    """The outcome condition; its first record in the time at risk is the event."""
+
+    name: str = Field(min_length=1)
+    codes: CodeSet
+    exclude_prior: bool = Field(default=True, description="Drop persons with the outcome before index.")
+
+
+class IndexRule(_Strict):
+    """How the index date is chosen."""
+
+    rule: Literal["first_exposure_after_entry"] = "first_exposure_after_entry"
+
+
+class DayWindow(_Strict):
+    """A window of days relative to the index date, both ends inclusive."""
+
+    start_day: int = Field(ge=-36_500, le=36_500)
+    end_day: int = Field(ge=-36_500, le=36_500)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DayWindow:
+        if self.end_day < self.start_day:
+            raise ValueError(f"end_day {self.end_day} is before start_day {self.start_day}")
+        return self
+
+
+class DemographicCovariate(_Strict):
+    """Age at index (years), sex (``sex_female``) or race (one-hot, white the reference)."""
+
+    name: str
+    kind: Literal["age", "sex", "race"]
+
+
+class ConditionCovariate(_Strict):
+    """1 when any of the codes starts within the covariate window, else 0."""
+
+    name: str
+    kind: Literal["condition"]
+    codes: CodeSet
+
+
+class VisitCountCovariate(_Strict):
+    """Number of visits of the given visit concepts starting within the covariate window."""
+
+    name: str
+    kind: Literal["visit_count"]
+    visit_concept_ids: list[int] = Field(min_length=1)
+
+
+Covariate = Annotated[
+    DemographicCovariate | ConditionCovariate | VisitCountCovariate, Field(discriminator="kind")
+]
+
+RACE_LEVELS: tuple[str, ...] = ("black", "asian", "other")  # white is the reference level
+
+AnalysisName = Literal["crude"]
+
+
+class StudyProtocol(_Strict):
+    """A complete, declarative study: population, arms, outcome, windows, covariates, analyses."""
+
+    schema_version: Literal[1] = Field(description="Protocol schema version.")
+    study_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,63}$", description="Stable study id.")
+    title: str = Field(min_length=1)
+    population: Population
+    exposure: Exposure
+    comparator: Comparator
+    outcome: Outcome
+    index: IndexRule = IndexRule()
+    washout_days: int = Field(default=365, ge=0, le=3650)
+    time_at_risk: DayWindow = Field(description="Days after index at risk, e.g. 1..365.")
+    covariate_window: DayWindow = Field(description="Days before index where covariates are measured.")
+    covariates: list[Covariate] = Field(default_factory=list)
+    analyses: list[AnalysisName] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudyProtocol:
+        names = [c.name for c in self.covariates]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"covariate names must be unique; repeated: {duplicates}")
+        if self.time_at_risk.start_day < 0:
+            raise ValueError("time_at_risk.start_day must be >= 0 (the risk window follows index)")
+        if self.covariate_window.end_day >= 0:
+            raise ValueError("covariate_window.end_day must be < 0 (covariates precede index)")
+        return self
+
+    def covariate_columns(self) -> list[str]:
+        """Columns the covariates become in the analysis dataset, in protocol order."""
+        columns: list[str] = []
+        for cov in self.covariates:
+            if cov.kind == "sex":
+                columns.append("sex_female")
+            elif cov.kind == "race":
+                columns.extend(f"race_{level}" for level in RACE_LEVELS)
+            else:
+                columns.append(cov.name)
+        return columns
+
+    def canonical_bytes(self) -> bytes:
+        """The protocol as canonical JSON: the bytes that are hashed, signed and approved."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+
+    def sha256(self) -> str:
+        """Hex SHA-256 of the canonical bytes: the protocol's identity at every site."""
+        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"protocol {source} is invalid:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        value = item.get("input")
+        shown = "" if item["type"] == "missing" else f" (got {value!r})"
+        fix = {
+            "missing": "add the field",
+            "extra_forbidden": "remove it or fix its spelling",
+        }.get(item["type"], "correct the value")
+        lines.append(f"  - field `{where}`: {item['msg']}{shown}. Fix: {fix}.")
+    return "\n".join(lines)
+
+
+def parse_protocol(data: object, source: str = "<data>") -> StudyProtocol:
+    """Validate parsed YAML/JSON data as a protocol; errors name every bad field and the fix."""
+    if not isinstance(data, dict):
+        raise ProtocolError(f"protocol {source} must be a mapping of fields, got {type(data).__name__}")
+    try:
+        return StudyProtocol.model_validate(data)
+    except ValidationError as error:
+        raise ProtocolError(_describe(error, source)) from None
+
+
+def load_protocol(path: str | Path) -> StudyProtocol:
+    """Read and validate a protocol YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ProtocolError(f"cannot read protocol {path}: {error.strerror}. Fix: check the path.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ProtocolError(f"protocol {path} is not valid YAML: {error}") from None
+    return parse_protocol(data, str(path))

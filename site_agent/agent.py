@@ -1,0 +1,154 @@
+"""The site agent's request handling: decode, build or reuse the dataset, compute, guard, log.
+
+Transport-free, so it can be driven by the HTTP service (production and simulation) and by
+tests directly. Replies are idempotent per request: a retried round gets the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+
+from pyspark.sql import SparkSession
+
+from shared.errors import DisclosureRefused, FedRWEError, ProtocolError
+from shared.protocol.messages import RoundReply, RoundRequest, decode_request, is_ping
+from shared.protocol.model import parse_protocol
+from shared.stats.cox import EventTable
+from site_agent.analyses.counts import arm_summary, attrition
+from site_agent.analyses.cox import crude_cox
+from site_agent.analyses.release import Release
+from site_agent.analyses.tables import event_table
+from site_agent.audit.log import AuditLog
+from site_agent.cohort.store import AnalysisDataset, DatasetStore
+from site_agent.data.delta import DeltaBackend, OmopTables
+from site_agent.data.spark import start_spark
+from site_agent.disclosure.guard import guarded
+from site_agent.settings import SiteSettings
+
+log = logging.getLogger("fedrwe.site")
+
+_MAX_CACHED_REPLIES = 256
+
+
+@dataclass
+class _StudyState:
+    dataset: AnalysisDataset
+    events: EventTable
+
+
+class SiteAgent:
+    """One site: owns the SparkSession, the study datasets and the release log."""
+
+    def __init__(self, settings: SiteSettings, spark: SparkSession | None = None) -> None:
+        self.settings = settings
+        self.site_id = settings.site_id
+        self._owns_spark = spark is None
+        self.spark = spark or start_spark(settings.spark, f"fedrwe-site-{settings.site_id}")
+        backend = DeltaBackend(self.spark, settings.site_id)
+        self._tables = OmopTables(backend, settings.lake, settings.site_id)
+        self._store = DatasetStore(backend, self._tables, settings.workdir, settings.site_id)
+        self._audit = AuditLog(settings.workdir / "audit" / "releases.jsonl")
+        self._states: dict[str, _StudyState] = {}
+        self._replies: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop Spark if this agent started it."""
+        if self._owns_spark:
+            self.spark.stop()
+
+    def handle(self, payload: bytes) -> bytes:
+        """Answer one request (bytes in, bytes out); never raises."""
+        digest = hashlib.sha256(payload).hexdigest()
+        with self._lock:
+            cached = self._replies.get(digest)
+            if cached is not None:
+                return cached
+            reply = self._answer(payload, digest)
+            if len(self._replies) >= _MAX_CACHED_REPLIES:
+                self._replies.pop(next(iter(self._replies)))
+            self._replies[digest] = reply
+            return reply
+
+    def _answer(self, payload: bytes, digest: str) -> bytes:
+        request: RoundRequest | None = None
+        try:
+            if is_ping(payload):
+                return RoundReply(status="ok", site_id=self.site_id, results={"ping": "pong"}).to_bytes()
+            request = decode_request(payload)
+            results = guarded(lambda: self._compute(request), self.settings.policy, self.site_id)
+            reply = RoundReply(
+                status="ok", site_id=self.site_id, study_id=request.study_id,
+                round_name=request.round_name, results=results,
+            )
+            decision = "released"
+        except DisclosureRefused as refusal:
+            reply = self._failure("refused", request, str(refusal))
+            decision = "refused"
+        except FedRWEError as error:
+            reply = self._failure("error", request, str(error))
+            decision = "error"
+        except Exception as error:  # a bug or an engine failure: say what, keep the site up
+            log.exception("site %s: unexpected failure", self.site_id)
+            reply = self._failure(
+                "error", request, f"site {self.site_id!r}: internal error {type(error).__name__}: {error}"
+            )
+            decision = "error"
+        encoded = reply.to_bytes()
+        self._audit.append(
+            site_id=self.site_id,
+            study_id=request.study_id if request else None,
+            round_name=request.round_name if request else None,
+            request_sha256=digest,
+            decision=decision,
+            reply_sha256=hashlib.sha256(encoded).hexdigest(),
+            reason=reply.error,
+        )
+        return encoded
+
+    def _failure(self, status: str, request: RoundRequest | None, message: str) -> RoundReply:
+        return RoundReply(
+            status=status,  # type: ignore[arg-type]
+            site_id=self.site_id,
+            study_id=request.study_id if request else None,
+            round_name=request.round_name if request else None,
+            error=message,
+        )
+
+    def _state(self, request: RoundRequest) -> _StudyState:
+        protocol = parse_protocol(request.protocol, f"in request {request.round_name!r}")
+        if protocol.sha256() != request.protocol_sha256:
+            raise ProtocolError(
+                f"site {self.site_id!r}: the protocol in round {request.round_name!r} hashes to "
+                f"{protocol.sha256()}, not the announced {request.protocol_sha256}. Fix: resend "
+                f"the study from an unmodified protocol."
+            )
+        dataset = self._store.get(protocol)
+        state = self._states.get(protocol.study_id)
+        if state is None or state.dataset.key != dataset.key:
+            state = _StudyState(dataset, event_table(dataset.frame))
+            self._states[protocol.study_id] = state
+        return state
+
+    def _compute(self, request: RoundRequest) -> dict[str, Release]:
+        state = self._state(request)
+        partials = {
+            "attrition": lambda params: attrition(state.dataset.attrition),
+            "arm_summary": lambda params: arm_summary(state.events),
+            "crude_cox": lambda params: crude_cox(state.events, params),
+            "provenance": lambda params: Release(
+                {"input_versions": state.dataset.input_versions,
+                 "dataset_version": state.dataset.delta_version}
+            ),
+        }
+        unknown = sorted(set(request.tasks) - set(partials))
+        if unknown:
+            raise ProtocolError(
+                f"site {self.site_id!r} does not know task(s) {unknown}; it runs {sorted(partials)}. "
+                f"Fix: upgrade the site agent or drop the analysis."
+            )
+        return {name: partials[name](params) for name, params in request.tasks.items()}
+

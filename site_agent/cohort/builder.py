@@ -1,0 +1,252 @@
+"""Protocol -> Spark plan -> the per-study analysis dataset of one site.
+
+The rules are written out in docs/cohort_rules.md; each step below names its rule. One
+row per person in the final cohort: ``person_id, treatment, index_date, time, event`` and
+one column per covariate (``StudyProtocol.covariate_columns``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from shared.protocol.model import RACE_LEVELS, StudyProtocol
+from shared.omop import GENDER_FEMALE, RACE_ASIAN, RACE_BLACK, RACE_WHITE
+from site_agent.cohort.codes import code_predicate
+
+_RACE_CONCEPTS = {"black": RACE_BLACK, "asian": RACE_ASIAN}
+
+
+@dataclass(frozen=True)
+class AttritionStep:
+    """Persons remaining after one inclusion rule, per arm once arms exist."""
+
+    step: str
+    description: str
+    n_persons: int
+    n_exposed: int | None
+    n_comparator: int | None
+
+    def to_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """The analysis dataset (a Spark plan) and the attrition that led to it."""
+
+    dataset: DataFrame
+    attrition: list[AttritionStep]
+    intermediate: DataFrame  # cached while the dataset is materialised
+
+    def release(self) -> None:
+        """Drop the cached intermediate once the dataset has been written."""
+        self.intermediate.unpersist()
+
+
+def _first_date_on_or_after_entry(drugs: DataFrame, entry: DataFrame, arm: Column) -> DataFrame:
+    return (
+        drugs.where(arm)
+        .join(entry, "person_id")
+        .where(F.col("date") >= F.col("entry_date"))
+        .groupBy("person_id")
+        .agg(F.min("date").alias("index_date"))
+    )
+
+
+def _candidates(protocol: StudyProtocol, conditions: DataFrame, drugs: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """Rules 1-2: entry date, then the arm and index date of each person."""
+    entry = (
+        conditions.where(code_predicate(F.col("code"), protocol.population.entry))
+        .groupBy("person_id")
+        .agg(F.min("date").alias("entry_date"))
+    )
+    is_exposure = code_predicate(F.col("code"), protocol.exposure.codes)
+    is_comparator = code_predicate(F.col("code"), protocol.comparator.codes)
+    exposed = _first_date_on_or_after_entry(drugs, entry, is_exposure).withColumn("treatment", F.lit(1))
+    comparator = _first_date_on_or_after_entry(drugs, entry, is_comparator)
+    if protocol.comparator.never_exposed:
+        ever_exposed = drugs.where(is_exposure).select("person_id").distinct()
+        comparator = comparator.join(ever_exposed, "person_id", "left_anti")
+    else:
+        comparator = comparator.join(exposed.select("person_id"), "person_id", "left_anti")
+    comparator = comparator.withColumn("treatment", F.lit(0))
+    return entry, exposed.unionByName(comparator)
+
+
+def _follow_up(
+    protocol: StudyProtocol,
+    candidates: DataFrame,
+    tables: dict[str, DataFrame],
+    conditions: DataFrame,
+) -> DataFrame:
+    """Rules 3-7: washout, age, prior outcome, time at risk and the outcome, as flags."""
+    index = F.col("index_date")
+    periods = (
+        tables["observation_period"]
+        .select(
+            "person_id",
+            F.col("observation_period_start_date").alias("obs_start"),
+            F.col("observation_period_end_date").alias("obs_end"),
+        )
+        .join(candidates.select("person_id", "index_date"), "person_id")
+        .where((F.col("obs_start") <= index) & (index <= F.col("obs_end")))
+        .groupBy("person_id")
+        .agg(F.min("obs_start").alias("obs_start"), F.max("obs_end").alias("obs_end"))
+    )
+    deaths = tables["death"].groupBy("person_id").agg(F.min("death_date").alias("death_date"))
+    person = tables["person"].select("person_id", "year_of_birth", "gender_concept_id", "race_concept_id")
+    outcomes = (
+        conditions.where(code_predicate(F.col("code"), protocol.outcome.codes))
+        .join(candidates.select("person_id", "index_date"), "person_id")
+        .groupBy("person_id")
+        .agg(
+            F.max(F.when(F.col("date") < index, 1).otherwise(0)).alias("prior_outcome"),
+            F.min(
+                F.when(
+                    F.datediff(F.col("date"), index) >= protocol.time_at_risk.start_day,
+                    F.datediff(F.col("date"), index),
+                )
+            ).alias("outcome_day"),
+        )
+    )
+    tar = protocol.time_at_risk
+    censor_day = F.least(
+        F.lit(tar.end_day),
+        F.datediff(F.col("obs_end"), index),
+        F.coalesce(F.datediff(F.col("death_date"), index), F.lit(tar.end_day)),
+    )
+    frame = (
+        candidates.join(person, "person_id", "left")
+        .join(periods, "person_id", "left")
+        .join(deaths, "person_id", "left")
+        .join(outcomes, "person_id", "left")
+        .withColumn("censor_day", censor_day)
+        .withColumn(
+            "ok_washout",
+            F.coalesce(F.datediff(index, F.col("obs_start")) >= protocol.washout_days, F.lit(False)),
+        )
+        .withColumn(
+            "ok_age",
+            F.coalesce(F.year(index) - F.col("year_of_birth") >= protocol.population.min_age, F.lit(False)),
+        )
+        .withColumn(
+            "ok_no_prior_outcome",
+            F.lit(True) if not protocol.outcome.exclude_prior
+            else F.coalesce(F.col("prior_outcome"), F.lit(0)) == 0,
+        )
+        .withColumn("ok_time_at_risk", F.coalesce(F.col("censor_day") >= tar.start_day, F.lit(False)))
+    )
+    has_event = F.col("outcome_day").isNotNull() & (F.col("outcome_day") <= F.col("censor_day"))
+    return frame.withColumn("event", F.when(has_event, 1).otherwise(0)).withColumn(
+        "time", F.when(has_event, F.col("outcome_day")).otherwise(F.col("censor_day"))
+    )
+
+
+_RULES: tuple[tuple[str, str], ...] = (
+    ("ok_washout", "observation for at least the washout period before index"),
+    ("ok_age", "at least the minimum age at index"),
+    ("ok_no_prior_outcome", "no outcome before index"),
+    ("ok_time_at_risk", "at least one day at risk"),
+)
+
+
+def _attrition(entry: DataFrame, followed: DataFrame) -> list[AttritionStep]:
+    """Counts after each rule, per arm, in one Spark job over the candidates."""
+    n_entry = entry.count()
+    passed = F.lit(True)
+    aggregations = []
+    for flag, _ in ((None, None), *_RULES):
+        if flag is not None:
+            passed = passed & F.col(flag)
+        for arm in (1, 0):
+            aggregations.append(F.sum(F.when(passed & (F.col("treatment") == arm), 1).otherwise(0)))
+    row = followed.agg(*aggregations).first()
+    counts = [int(value or 0) for value in row] if row is not None else [0] * len(aggregations)
+    steps = [AttritionStep("entry", "persons with an entry condition", n_entry, None, None)]
+    labels = (("arm", "first exposure or comparator on or after entry"), *_RULES)
+    for i, (step, description) in enumerate(labels):
+        exposed, comparator = counts[2 * i], counts[2 * i + 1]
+        steps.append(AttritionStep(step.removeprefix("ok_"), description, exposed + comparator, exposed, comparator))
+    return steps
+
+
+def _with_covariates(protocol: StudyProtocol, cohort: DataFrame, conditions: DataFrame, visits: DataFrame) -> DataFrame:
+    """Rule 8: covariates measured in the covariate window before index."""
+    window = protocol.covariate_window
+    keys = cohort.select("person_id", "index_date")
+
+    def in_window(date: Column) -> Column:
+        offset = F.datediff(date, F.col("index_date"))
+        return (offset >= window.start_day) & (offset <= window.end_day)
+
+    frame = cohort
+    condition_covariates = [c for c in protocol.covariates if c.kind == "condition"]
+    if condition_covariates:
+        flags = (
+            conditions.join(keys, "person_id")
+            .where(in_window(F.col("date")))
+            .groupBy("person_id")
+            .agg(*[
+                F.max(F.when(code_predicate(F.col("code"), c.codes), 1).otherwise(0)).alias(c.name)
+                for c in condition_covariates
+            ])
+        )
+        frame = frame.join(flags, "person_id", "left")
+    visit_covariates = [c for c in protocol.covariates if c.kind == "visit_count"]
+    if visit_covariates:
+        counts = (
+            visits.join(keys, "person_id")
+            .where(in_window(F.col("visit_start_date")))
+            .groupBy("person_id")
+            .agg(*[
+                F.sum(F.when(F.col("visit_concept_id").isin(c.visit_concept_ids), 1).otherwise(0)).alias(c.name)
+                for c in visit_covariates
+            ])
+        )
+        frame = frame.join(counts, "person_id", "left")
+    columns: list[Column] = [
+        F.col("person_id"), F.col("treatment").cast("int"), F.col("index_date"),
+        F.col("time").cast("int"), F.col("event").cast("int"),
+    ]
+    for cov in protocol.covariates:
+        if cov.kind == "age":
+            columns.append((F.year("index_date") - F.col("year_of_birth")).cast("double").alias("age"))
+        elif cov.kind == "sex":
+            columns.append((F.col("gender_concept_id") == GENDER_FEMALE).cast("int").alias("sex_female"))
+        elif cov.kind == "race":
+            for level in RACE_LEVELS:
+                race = F.col("race_concept_id")
+                is_level = (
+                    race == _RACE_CONCEPTS[level] if level in _RACE_CONCEPTS
+                    else ~race.isin(RACE_WHITE, RACE_BLACK, RACE_ASIAN)
+                )
+                unknown_is_level = level not in _RACE_CONCEPTS  # a missing race counts as "other"
+                columns.append(
+                    F.coalesce(is_level, F.lit(unknown_is_level)).cast("int").alias(f"race_{level}")
+                )
+        else:
+            columns.append(F.coalesce(F.col(cov.name), F.lit(0)).cast("int").alias(cov.name))
+    return frame.select(*columns)
+
+
+def build_cohort(protocol: StudyProtocol, tables: dict[str, DataFrame]) -> Cohort:
+    """The study's analysis dataset at this site and its attrition, per docs/cohort_rules.md."""
+    conditions = tables["condition_occurrence"].select(
+        "person_id",
+        F.col("condition_start_date").alias("date"),
+        F.col("condition_source_value").alias("code"),
+    )
+    drugs = tables["drug_exposure"].select(
+        "person_id",
+        F.col("drug_exposure_start_date").alias("date"),
+        F.col("drug_source_value").alias("code"),
+    )
+    entry, candidates = _candidates(protocol, conditions, drugs)
+    followed = _follow_up(protocol, candidates, tables, conditions).cache()
+    attrition = _attrition(entry, followed)
+    eligible = followed.where(F.col("ok_washout") & F.col("ok_age") & F.col("ok_no_prior_outcome") & F.col("ok_time_at_risk"))
+    dataset = _with_covariates(protocol, eligible, conditions, tables["visit_occurrence"])
+    return Cohort(dataset.orderBy("person_id"), attrition, followed)

@@ -1,0 +1,82 @@
+"""The per-study analysis dataset, built once and kept as a versioned Delta table at the site.
+
+A dataset is reused while the protocol hash and the Delta versions of every input table
+are unchanged: from memory within a study's rounds, from its Delta table across restarts.
+Otherwise it is rebuilt (a new Delta version, so earlier ones stay readable for audit).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from shared.omop import STUDY_TABLES
+from shared.protocol.model import StudyProtocol
+from site_agent.cohort.builder import AttritionStep, build_cohort
+from site_agent.data.delta import DeltaBackend, OmopTables
+
+_KEY = "fedrwe.dataset_key"
+_ATTRITION = "fedrwe.attrition"
+
+
+@dataclass(frozen=True)
+class AnalysisDataset:
+    """A study's rows at this site (Spark, cached) with its provenance."""
+
+    key: str
+    frame: DataFrame
+    attrition: list[AttritionStep]
+    delta_version: int
+    input_versions: dict[str, int]
+    rebuilt: bool
+
+
+class DatasetStore:
+    """Builds, stores and reloads analysis datasets under ``workdir/studies``."""
+
+    def __init__(self, backend: DeltaBackend, tables: OmopTables, workdir: Path, site_id: str) -> None:
+        self._backend = backend
+        self._tables = tables
+        self._workdir = workdir
+        self._site_id = site_id
+        self._loaded: dict[str, AnalysisDataset] = {}
+
+    def path(self, study_id: str) -> Path:
+        return self._workdir / "studies" / study_id / "analysis_dataset"
+
+    def get(self, protocol: StudyProtocol) -> AnalysisDataset:
+        """The dataset for ``protocol``: from memory or the Delta cache if valid, else rebuilt."""
+        input_versions = {name: self._tables.version(name) for name in STUDY_TABLES}
+        key = json.dumps({"protocol": protocol.sha256(), "inputs": input_versions}, sort_keys=True)
+        loaded = self._loaded.get(protocol.study_id)
+        if loaded is not None and loaded.key == key:
+            return loaded
+        if loaded is not None:
+            loaded.frame.unpersist()
+        path = self.path(protocol.study_id)
+        rebuilt = self._backend.last_commit_metadata(path).get(_KEY) != key
+        if rebuilt:
+            self._build(protocol, path, key)
+        last = self._backend.last_commit_metadata(path)
+        attrition = [AttritionStep(**step) for step in json.loads(str(last[_ATTRITION]))]
+        snapshot = self._backend.read("analysis_dataset", path)
+        dataset = AnalysisDataset(
+            key, snapshot.frame.cache(), attrition, snapshot.version, input_versions, rebuilt
+        )
+        self._loaded[protocol.study_id] = dataset
+        return dataset
+
+    def _build(self, protocol: StudyProtocol, path: Path, key: str) -> None:
+        snapshots = {name: self._tables.read(name) for name in STUDY_TABLES}
+        cohort = build_cohort(protocol, {name: snap.frame for name, snap in snapshots.items()})
+        try:
+            rows = cohort.dataset.select(F.lit(self._site_id).alias("site_id"), "*").toArrow()
+            attrition_json = json.dumps([step.to_json() for step in cohort.attrition])
+            self._backend.write_arrow(path, rows, {_KEY: key, _ATTRITION: attrition_json})
+        finally:
+            cohort.release()
+

@@ -1,0 +1,111 @@
+"""The site's Delta tables, read by Spark and written by delta-rs.
+
+Delta's JVM jars cannot be resolved on machines without Maven access, so the backend here
+uses delta-rs (``deltalake``) for the transaction log - writes, versions, time travel -
+and hands Spark the exact Parquet files of the table's current snapshot. Reading the
+folder directly would be wrong after an overwrite (old files stay until vacuum). Tables
+whose snapshot cannot be expressed as a list of Parquet files (deletion vectors, column
+mapping) are refused with a clear error rather than read wrongly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.pandas.types import from_arrow_schema
+
+from shared.errors import DataError, MissingTableError
+from shared.omop import SCHEMAS
+
+_UNSUPPORTED_READER_FEATURES = frozenset({"deletionVectors", "columnMapping"})
+
+
+@dataclass(frozen=True)
+class TableSnapshot:
+    """One table as read: its Spark DataFrame and the Delta version it came from."""
+
+    name: str
+    version: int
+    frame: DataFrame
+
+
+class DeltaBackend:
+    """Reads and writes the Delta tables of one site."""
+
+    def __init__(self, spark: SparkSession, site_id: str) -> None:
+        self._spark = spark
+        self._site_id = site_id
+
+    def exists(self, path: Path) -> bool:
+        return DeltaTable.is_deltatable(str(path))
+
+    def read(self, name: str, path: Path, schema: pa.Schema | None = None) -> TableSnapshot:
+        """The current snapshot of the table at ``path`` as a Spark DataFrame."""
+        if not self.exists(path):
+            raise MissingTableError(self._site_id, name, str(path))
+        table = DeltaTable(str(path))
+        features = set(table.protocol().reader_features or [])
+        refused = features & _UNSUPPORTED_READER_FEATURES
+        mapping = table.metadata().configuration.get("delta.columnMapping.mode", "none")
+        if refused or mapping != "none":
+            raise DataError(
+                f"site {self._site_id!r}: Delta table {name!r} at {path} uses "
+                f"{sorted(refused) or ['columnMapping']}, which this backend cannot read "
+                f"correctly. Fix: rewrite the table without them (e.g. REORG/rewrite with "
+                f"delta-rs), or run the agent with delta-spark's jars."
+            )
+        files = table.file_uris()
+        arrow_schema = schema or table.schema().to_arrow()
+        if not files:
+            frame = self._spark.createDataFrame([], from_arrow_schema(pa.schema(arrow_schema)))
+        else:
+            frame = self._spark.read.option("basePath", table.table_uri).parquet(*files)
+        return TableSnapshot(name, table.version(), frame)
+
+    def write_arrow(self, path: Path, data: pa.Table, metadata: dict[str, str]) -> int:
+        """Overwrite the table at ``path`` with ``data``; returns the new Delta version."""
+        write_deltalake(
+            str(path), data, mode="overwrite", schema_mode="overwrite",
+            commit_properties=CommitProperties(custom_metadata=metadata),
+        )
+        return DeltaTable(str(path)).version()
+
+    def last_commit_metadata(self, path: Path) -> dict[str, object]:
+        """The custom metadata of the table's latest commit (empty if no table)."""
+        if not self.exists(path):
+            return {}
+        return dict(DeltaTable(str(path)).history(1)[0])
+
+
+class OmopTables:
+    """A site's OMOP CDM tables, checked for presence and required columns."""
+
+    def __init__(self, backend: DeltaBackend, lake: Path, site_id: str) -> None:
+        self._backend = backend
+        self._lake = lake
+        self._site_id = site_id
+
+    def version(self, name: str) -> int:
+        """The current Delta version of table ``name`` (no Spark involved)."""
+        path = self._lake / name
+        if not self._backend.exists(path):
+            raise MissingTableError(self._site_id, name, str(path))
+        return DeltaTable(str(path)).version()
+
+    def read(self, name: str) -> TableSnapshot:
+        expected = SCHEMAS[name]
+        snapshot = self._backend.read(name, self._lake / name, expected)
+        present = set(snapshot.frame.columns)
+        required = [f.name for f in expected if not f.nullable]
+        missing = [column for column in required if column not in present]
+        if missing:
+            raise DataError(
+                f"site {self._site_id!r}: OMOP table {name!r} (Delta version {snapshot.version}) "
+                f"lacks required column(s) {missing}. Fix: re-ingest {name} with the OMOP CDM 5.4 "
+                f"columns (lower-case names)."
+            )
+        return snapshot

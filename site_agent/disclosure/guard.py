@@ -1,0 +1,37 @@
+"""The disclosure guard: the single exit of every reply a site sends.
+
+Like a Flower mod, it wraps the handler. Every count a release rests on is checked
+against the site's own policy (never the request's): a count between 1 and
+``min_cell_count - 1`` refuses the whole reply, naming the count, so nothing about a
+handful of patients leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from shared.errors import DisclosureRefused
+from site_agent.analyses.release import Release
+from site_agent.settings import DisclosurePolicy
+
+Handler = Callable[[], dict[str, Release]]
+
+
+def check_release(task: str, release: Release, policy: DisclosurePolicy, site_id: str) -> None:
+    """Raise :class:`DisclosureRefused` when a count is below the site's minimum cell count."""
+    small = {name: n for name, n in release.counts.items() if 0 < n < policy.min_cell_count}
+    if small:
+        shown = ", ".join(f"{name}={n}" for name, n in sorted(small.items()))
+        raise DisclosureRefused(
+            f"site {site_id!r} refused {task!r}: {shown} below the site's minimum cell count "
+            f"{policy.min_cell_count}. Fix: widen the cohort or drop the analysis; the threshold "
+            f"is the site's policy and cannot be lowered by a request."
+        )
+
+
+def guarded(handler: Handler, policy: DisclosurePolicy, site_id: str) -> dict[str, object]:
+    """Run ``handler`` and return only releases that pass the policy."""
+    releases = handler()
+    for task, release in releases.items():
+        check_release(task, release, policy, site_id)
+    return {task: release.values for task, release in releases.items()}

@@ -1,0 +1,118 @@
+"""The long-lived site service: one process per site, owning Spark, answering on loopback.
+
+Endpoints (HTTP/1.1, bound to the site's ``host``, 127.0.0.1 by default):
+  ``GET /v1/health``  200 with the site id once Spark is up;
+  ``POST /v1/round``  body = request bytes, response = reply bytes (always 200: errors are
+  replies, so the coordinator learns the site's reason).
+
+The Flower ClientApp forwards each message here; it never starts Spark itself.
+
+    python -m site_agent.service --config site.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import signal
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType
+
+from shared.errors import FedRWEError, TransportError
+from site_agent.agent import SiteAgent
+from site_agent.settings import SiteSettings, load_site_settings
+
+log = logging.getLogger("fedrwe.site")
+_MAX_BODY = 64 * 1024 * 1024
+
+
+def _handler_for(agent: SiteAgent) -> type[BaseHTTPRequestHandler]:
+    class RoundHandler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path != "/v1/health":
+                self._send(404, b'{"error":"unknown path"}', "application/json")
+                return
+            body = json.dumps({"site_id": agent.site_id, "ready": True}).encode()
+            self._send(200, body, "application/json")
+
+        def do_POST(self) -> None:
+            if self.path != "/v1/round":
+                self._send(404, b'{"error":"unknown path"}', "application/json")
+                return
+            length = int(self.headers.get("Content-Length", "0"))
+            if not 0 < length <= _MAX_BODY:
+                self._send(413, b'{"error":"body missing or too large"}', "application/json")
+                return
+            self._send(200, agent.handle(self.rfile.read(length)), "application/octet-stream")
+
+        def log_message(self, format: str, *args: object) -> None:
+            log.debug("site %s http: " + format, agent.site_id, *args)
+
+    return RoundHandler
+
+
+def bind(settings: SiteSettings, agent: SiteAgent) -> ThreadingHTTPServer:
+    """Bind the service's port; a port in use is a clear error, not a traceback."""
+    try:
+        return ThreadingHTTPServer((settings.host, settings.port), _handler_for(agent))
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise TransportError(
+                f"site {settings.site_id!r}: port {settings.port} on {settings.host} is already in "
+                f"use. Fix: stop the process holding it (`ss -ltnp | grep {settings.port}`) or set "
+                f"another `port` in the site settings."
+            ) from None
+        raise
+
+
+def serve(settings: SiteSettings) -> None:
+    """Start Spark, bind, and serve until SIGTERM/SIGINT; always stop Spark."""
+    agent = SiteAgent(settings)
+    try:
+        server = bind(settings, agent)
+    except BaseException:
+        agent.close()
+        raise
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    log.info("site %s serving on http://%s:%d", settings.site_id, settings.host, settings.port)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        agent.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m site_agent.service", description=__doc__)
+    parser.add_argument("--config", required=True, type=Path, help="the site's settings (TOML)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        serve(load_site_settings(args.config))
+    except FedRWEError as error:
+        print(f"fedrwe site: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

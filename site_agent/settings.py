@@ -1,0 +1,64 @@
+"""A site's own settings, read once from its TOML file at start-up and passed down.
+
+The disclosure policy lives here: thresholds come from the site, never from a request.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.errors import ProtocolError
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SparkSettings(_Settings):
+    """How the site's one SparkSession is created."""
+
+    master: str = Field(default="local[*]", description="Spark master URL (local[*], spark://, yarn, k8s://).")
+    driver_memory: str = Field(default="2g", pattern=r"^\d+[kmgt]$", description="spark.driver.memory.")
+    shuffle_partitions: int = Field(default=8, ge=1, le=10_000, description="spark.sql.shuffle.partitions.")
+
+
+class DisclosurePolicy(_Settings):
+    """What may leave the site. Owned by the site's data steward."""
+
+    min_cell_count: int = Field(
+        default=10, ge=1, le=1000,
+        description="Smallest non-zero count of persons or events that may be released.",
+    )
+
+
+class SiteSettings(_Settings):
+    """Everything one site agent needs to run."""
+
+    site_id: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$", description="The site's id in the network.")
+    lake: Path = Field(description="Folder holding the site's OMOP CDM Delta tables, one folder per table.")
+    workdir: Path = Field(description="Folder for the site's analysis datasets and audit log.")
+    host: str = Field(default="127.0.0.1", description="Address the site service binds to.")
+    port: int = Field(default=8801, ge=1, le=65_535, description="Port of the site service.")
+    spark: SparkSettings = SparkSettings()
+    policy: DisclosurePolicy = DisclosurePolicy()
+
+
+def load_site_settings(path: str | Path) -> SiteSettings:
+    """Read a site's TOML settings; errors name the field and the fix."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ProtocolError(f"cannot read site settings {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ProtocolError(f"site settings {path} are not valid TOML: {error}") from None
+    try:
+        return SiteSettings.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"`{'.'.join(map(str, e['loc']))}`: {e['msg']}" for e in error.errors()
+        )
+        raise ProtocolError(f"site settings {path} are invalid: {problems}") from None

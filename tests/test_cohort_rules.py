@@ -1,0 +1,134 @@
+"""The cohort rules of docs/cohort_rules.md on a hand-built OMOP site, answers worked out by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pyspark.sql import SparkSession
+
+from shared.errors import MissingTableError
+from shared.omop import GENDER_FEMALE, RACE_BLACK, VISIT_EMERGENCY
+from shared.protocol.model import load_protocol
+from site_agent.cohort.store import DatasetStore
+from site_agent.data.delta import DeltaBackend, OmopTables
+from tests.omop_builder import OmopBuilder
+
+PROTOCOL = load_protocol(Path(__file__).parents[1] / "studies" / "ketamine_cud.yaml")
+KETAMINE, PROPOFOL, MIDAZOLAM = "6130", "8782", "6960"
+
+
+def hand_built_site() -> OmopBuilder:
+    b = OmopBuilder()
+    # 1: exposed, remission on day 60.
+    b.person(1, gender=GENDER_FEMALE, race=RACE_BLACK)
+    b.condition(1, "F14.20", "2015-01-01")
+    b.drug(1, KETAMINE, "2016-01-01")
+    b.condition(1, "F14.21", "2016-03-01")
+    # 2: comparator, censored at the end of observation (day 61).
+    b.person(2, obs=("2010-01-01", "2016-08-01"))
+    b.condition(2, "F14.10", "2015-01-01")
+    b.drug(2, PROPOFOL, "2016-06-01")
+    # 3: exposed, only 214 days of observation before index: fails washout.
+    b.person(3, obs=("2015-06-01", "2020-12-31"))
+    b.condition(3, "F14.20", "2015-07-01")
+    b.drug(3, KETAMINE, "2016-01-01")
+    # 4: comparator, 16 at index: fails age.
+    b.person(4, year_of_birth=2000)
+    b.condition(4, "F14.20", "2015-01-01")
+    b.drug(4, PROPOFOL, "2016-01-01")
+    # 5: comparator with remission before index: prior outcome.
+    b.person(5)
+    b.condition(5, "F14.20", "2015-01-01")
+    b.condition(5, "F14.11", "2015-06-01")
+    b.drug(5, MIDAZOLAM, "2016-01-01")
+    # 6: comparator whose observation ends on the index day: no time at risk.
+    b.person(6, obs=("2010-01-01", "2016-01-01"))
+    b.condition(6, "F14.20", "2015-01-01")
+    b.drug(6, PROPOFOL, "2016-01-01")
+    # 7: ketamine before the CUD diagnosis, propofol after: neither arm.
+    b.person(7)
+    b.drug(7, KETAMINE, "2014-01-01")
+    b.condition(7, "F14.20", "2015-01-01")
+    b.drug(7, PROPOFOL, "2016-01-01")
+    # 8: no CUD at all; 9: only a remission code (not an entry code).
+    b.person(8)
+    b.drug(8, KETAMINE, "2016-01-01")
+    b.person(9)
+    b.condition(9, "F14.21", "2015-01-01")
+    b.drug(9, KETAMINE, "2016-01-01")
+    # 10: comparator who dies on day 31; the later remission does not count.
+    b.person(10)
+    b.condition(10, "F14.20", "2015-01-01")
+    b.drug(10, PROPOFOL, "2016-01-01")
+    b.death(10, "2016-02-01")
+    b.condition(10, "F14.21", "2016-03-01")
+    # 11: exposed, remission after day 365: censored at 365; covariates in and out of window.
+    b.person(11)
+    b.condition(11, "F14.20", "2015-01-01")
+    b.drug(11, KETAMINE, "2016-01-01")
+    b.condition(11, "F14.21", "2017-02-15")
+    b.condition(11, "F32.9", "2015-12-01")
+    b.condition(11, "F41.1", "2014-01-01")
+    b.visit(11, "2015-11-01", VISIT_EMERGENCY)
+    b.visit(11, "2015-12-31", VISIT_EMERGENCY)
+    b.visit(11, "2014-06-01", VISIT_EMERGENCY)
+    b.visit(11, "2015-11-15")
+    # 12: propofol first, ketamine a year later: exposed, index at the ketamine.
+    b.person(12)
+    b.condition(12, "F14.20", "2015-01-01")
+    b.drug(12, PROPOFOL, "2016-01-01")
+    b.drug(12, KETAMINE, "2017-01-01")
+    return b
+
+
+@pytest.fixture(scope="module")
+def store(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> DatasetStore:
+    root = tmp_path_factory.mktemp("site")
+    hand_built_site().write(root / "lake")
+    backend = DeltaBackend(spark, "site_x")
+    return DatasetStore(backend, OmopTables(backend, root / "lake", "site_x"), root / "work", "site_x")
+
+
+def test_attrition_follows_each_rule(store: DatasetStore) -> None:
+    steps = {s.step: (s.n_persons, s.n_exposed, s.n_comparator) for s in store.get(PROTOCOL).attrition}
+    assert steps == {
+        "entry": (10, None, None),
+        "arm": (9, 4, 5),
+        "washout": (8, 3, 5),
+        "age": (7, 3, 4),
+        "no_prior_outcome": (6, 3, 3),
+        "time_at_risk": (5, 3, 2),
+    }
+
+
+def test_analysis_rows_are_as_worked_out_by_hand(store: DatasetStore) -> None:
+    rows = {r["person_id"]: r.asDict() for r in store.get(PROTOCOL).frame.collect()}
+    assert sorted(rows) == [1, 2, 10, 11, 12]
+    observed = {pid: (r["treatment"], r["time"], r["event"]) for pid, r in rows.items()}
+    assert observed == {1: (1, 60, 1), 2: (0, 61, 0), 10: (0, 31, 0), 11: (1, 365, 0), 12: (1, 365, 0)}
+    assert (rows[1]["sex_female"], rows[1]["race_black"], rows[1]["race_other"]) == (1, 1, 0)
+    assert rows[1]["age"] == 36.0
+    assert (rows[11]["depression"], rows[11]["anxiety"], rows[11]["prior_emergency_visits"]) == (1, 0, 2)
+    assert rows[12]["index_date"].isoformat() == "2017-01-01"
+    assert rows[1]["site_id"] == "site_x"
+
+
+def test_dataset_is_reused_until_an_input_table_changes(store: DatasetStore, spark: SparkSession) -> None:
+    first = store.get(PROTOCOL)
+    assert store.get(PROTOCOL) is first
+    # Reopen from the Delta cache: same version, not rebuilt.
+    backend = DeltaBackend(spark, "site_x")
+    lake = store.path(PROTOCOL.study_id).parents[2].parent / "lake"
+    reopened = DatasetStore(backend, OmopTables(backend, lake, "site_x"), store.path("x").parents[2], "site_x")
+    again = reopened.get(PROTOCOL)
+    assert not again.rebuilt
+    assert again.delta_version == first.delta_version
+
+
+def test_missing_table_names_site_and_table(spark: SparkSession, tmp_path: Path) -> None:
+    hand_built_site().write(tmp_path / "lake", skip=("death",))
+    backend = DeltaBackend(spark, "site_y")
+    store = DatasetStore(backend, OmopTables(backend, tmp_path / "lake", "site_y"), tmp_path / "work", "site_y")
+    with pytest.raises(MissingTableError, match=r"site 'site_y'.*'death'.*Fix"):
+        store.get(PROTOCOL)
