@@ -1,0 +1,51 @@
+# fedrwe: two commands on a fresh machine.
+#   make demo   set up, then run the 3-site simulated study (results + report in out/demo)
+#   make test   set up, then run the test suite (unit, federated-equals-pooled, integration)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedrwe-installed
+
+DEMO_SITES    ?= 3
+DEMO_PATIENTS ?= 30000
+DEMO_SEED     ?= 7
+DEMO_OUT      ?= out/demo
+
+.PHONY: demo test test-slow lint setup java clean
+
+demo: setup
+	$(BIN)/fedrwe simulate --sites $(DEMO_SITES) --patients $(DEMO_PATIENTS) --seed $(DEMO_SEED) --out $(DEMO_OUT)
+
+test: setup
+	$(BIN)/pytest -m "not slow" -q
+
+test-slow: setup
+	$(BIN)/pytest -m slow -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+setup: java $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fedrwe needs Python >= 3.11; this is " + sys.version.split()[0] + ". Fix: install python3.11 and run: make PYTHON=python3.11 ...")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip check
+	@touch $(STAMP)
+
+# Spark needs a Java runtime (17 is tested).
+java:
+	@if command -v java >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "java is missing: installing openjdk-17-jre-headless"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openjdk-17-jre-headless; \
+	else \
+	  echo "fedrwe needs Java for Spark and 'java' is not on PATH. Fix: run"; \
+	  echo "  sudo apt-get install -y openjdk-17-jre-headless"; \
+	  echo "then run make again."; exit 1; \
+	fi
+
+clean:
+	rm -rf out .pytest_cache

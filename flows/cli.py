@@ -1,0 +1,123 @@
+"""The ``fedrwe`` command line.
+
+    fedrwe simulate --sites 3 --patients 30000 --seed 7 --out out/demo
+    fedrwe site serve --config site.toml
+    fedrwe study run studies/ketamine_cud.yaml --superlink 127.0.0.1:9093 --out out/study
+    fedrwe protocol check studies/ketamine_cud.yaml
+
+Site commands import only the site agent (no Prefect); study commands only the
+coordinator side (no Spark). Errors print one clear line and the fix; ``--debug`` shows
+the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from shared.errors import FedRWEError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Federated real-world evidence.")
+site_app = typer.Typer(no_args_is_help=True, help="Commands a hospital runs.")
+study_app = typer.Typer(no_args_is_help=True, help="Commands a study lead runs.")
+protocol_app = typer.Typer(no_args_is_help=True, help="Study protocols.")
+app.add_typer(site_app, name="site")
+app.add_typer(study_app, name="study")
+app.add_typer(protocol_app, name="protocol")
+
+console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option(help="Output folder (data, logs, results).")] = Path("out/demo"),
+    sites: Annotated[int, typer.Option(min=1, max=50, help="Number of simulated sites.")] = 3,
+    patients: Annotated[int, typer.Option(min=100, help="CUD patients over the whole network.")] = 30_000,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 7,
+    protocol: Annotated[Path, typer.Option(help="Study protocol YAML.")] = Path("studies/ketamine_cud.yaml"),
+    prefect_api_url: Annotated[
+        str | None, typer.Option(envvar="PREFECT_API_URL", help="Use this Prefect server instead of starting one.")
+    ] = None,
+) -> None:
+    """Generate a synthetic network, start every process on 127.0.0.1, run the study, stop all."""
+    from flows.simulate import SimulationSettings, run_simulation
+
+    settings = SimulationSettings(
+        out=out, sites=sites, patients=patients, seed=seed, protocol=protocol,
+        prefect_api_url=prefect_api_url,
+    )
+    run_simulation(settings, console=Console())
+
+
+@site_app.command("serve")
+def site_serve(config: Annotated[Path, typer.Option(help="The site's settings (TOML).")]) -> None:
+    """Run the long-lived site service (owns Spark; answers on the configured host:port)."""
+    from site_agent.service import serve
+    from site_agent.settings import load_site_settings
+
+    serve(load_site_settings(config))
+
+
+@study_app.command("run")
+def study_run(
+    protocol: Annotated[Path, typer.Argument(help="Study protocol YAML.")],
+    superlink: Annotated[str, typer.Option(help="Control API address of the SuperLink, host:port.")],
+    out: Annotated[Path, typer.Option(help="Where results.json and report.html go.")] = Path("out/study"),
+    min_sites: Annotated[int, typer.Option(min=1, help="Wait until this many sites are connected.")] = 1,
+    prefect_api_url: Annotated[
+        str | None, typer.Option(envvar="PREFECT_API_URL", help="Prefect server the study reports to.")
+    ] = None,
+) -> None:
+    """Submit a study to a running SuperLink and follow it to the end."""
+    from flows.submit import run_study_on_superlink
+
+    results = run_study_on_superlink(protocol, superlink, out, min_sites, prefect_api_url)
+    crude = results["analyses"]["crude"]
+    Console().print(
+        f"crude HR {crude['hr']:.3f} (95% CI {crude['ci_low']:.3f}-{crude['ci_high']:.3f}); "
+        f"results in {out / 'results.json'}"
+    )
+
+
+@protocol_app.command("check")
+def protocol_check(protocol: Annotated[Path, typer.Argument(help="Study protocol YAML.")]) -> None:
+    """Validate a protocol and print its hash."""
+    from shared.protocol.model import load_protocol
+
+    loaded = load_protocol(protocol)
+    Console().print(f"{loaded.study_id}: valid, sha256 {loaded.sha256()}")
+
+
+def main() -> None:
+    """Entry point: run the app; a fedrwe error is one clear line, exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except FedRWEError as error:
+        if _state["debug"]:
+            console.print_exception()
+        console.print(f"[bold red]fedrwe:[/] {escape(str(error))}", highlight=False)
+        sys.exit(2)
+    except typer.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        console.print("interrupted; every process fedrwe started has been stopped")
+        sys.exit(130)
+    except Exception as error:  # click usage errors come here in non-standalone mode
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        raise

@@ -1,0 +1,126 @@
+"""A study as a Prefect flow: every round is one task run; the statistics run between them.
+
+``run_study(transport, run_config)`` is the ServerApp entrypoint. Run config keys:
+``protocol-yaml`` (the protocol text), ``out-dir`` (where results.json and report.html go),
+``round-timeout-s`` (default 900), and in simulation ``truth-path``.
+
+Retries and timeouts sit on the transport task only. A retried round resends the same
+request bytes; sites answer a repeated request from their reply cache, and replies to the
+earlier push are discarded by the transport.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, task
+from prefect.cache_policies import NONE
+from prefect.client.schemas.objects import State, TaskRun
+
+from coordinator.flower_server import FlowerTransport
+from coordinator.plan import StudyPlan
+from coordinator.report import write_report
+from coordinator.results import build_results, write_results
+from shared.errors import FedRWEError, ProtocolError, SiteError, TransportError
+from shared.protocol.messages import RoundReply, RoundRequest, decode_reply
+from shared.protocol.model import StudyProtocol, parse_protocol
+
+DEFAULT_ROUND_TIMEOUT_S = 900.0
+
+
+def _retry_transport_only(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry a round when the transport failed, never when a site refused or erred."""
+    return isinstance(state.data, TransportError)
+
+
+def decode_replies(raw: dict[int, bytes]) -> dict[str, RoundReply]:
+    """Replies keyed by site id; a garbled reply or a repeated site id is an error."""
+    replies: dict[str, RoundReply] = {}
+    for node_id, payload in sorted(raw.items()):
+        try:
+            reply = decode_reply(payload)
+        except ProtocolError as error:
+            raise SiteError(f"node-{node_id}", f"sent an unreadable reply: {error}") from None
+        if reply.site_id in replies:
+            raise ProtocolError(
+                f"two SuperNodes answer as site {reply.site_id!r}. Fix: give every site agent "
+                f"its own site_id in its settings."
+            )
+        replies[reply.site_id] = reply
+    return replies
+
+
+@task(
+    name="round",
+    cache_policy=NONE,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_retry_transport_only,
+)
+def exchange_round(transport: FlowerTransport, request: RoundRequest, timeout_s: float) -> dict[str, RoundReply]:
+    """Send ``request`` to every site and return their replies (transport only)."""
+    payload = request.to_bytes()
+    raw = transport.exchange(request.round_name, dict.fromkeys(transport.node_ids(), payload), timeout_s)
+    return decode_replies(raw)
+
+
+@flow(name="fedrwe-study", validate_parameters=False, log_prints=True)
+def study_flow(
+    transport: FlowerTransport, protocol: StudyProtocol, out_dir: str, timeout_s: float,
+    truth_path: str | None = None,
+) -> dict[str, Any]:
+    """Run the study's rounds, then write results.json and report.html."""
+    plan = StudyPlan(protocol)
+    rounds: list[dict[str, Any]] = []
+    while (request := plan.next_request()) is not None:
+        started = time.perf_counter()
+        replies = exchange_round.with_options(task_run_name=request.round_name)(
+            transport, request, timeout_s
+        )
+        plan.absorb(replies)
+        record = transport.exchanges[-1]
+        rounds.append({
+            "name": request.round_name,
+            "seconds": round(time.perf_counter() - started, 4),
+            "bytes_sent": record["bytes_sent"],
+            "bytes_received": record["bytes_received"],
+        })
+        print(f"round {request.round_name}: {rounds[-1]['seconds']:.2f} s, {len(replies)} sites")
+    extra: dict[str, Any] = {}
+    truth = None
+    if truth_path:
+        truth = json.loads(Path(truth_path).read_text(encoding="utf-8"))
+        extra["simulation"] = {"truth_path": truth_path, "note": "synthetic data with planted truth"}
+    results = build_results(plan, rounds, extra)
+    out = Path(out_dir)
+    write_results(out / "results.json", results)
+    write_report(out / "report.html", results, truth)
+    return results
+
+
+def run_study(transport: FlowerTransport, run_config: dict[str, Any]) -> dict[str, Any]:
+    """ServerApp entrypoint: read the run config and run the study flow."""
+    text = str(run_config.get("protocol-yaml", ""))
+    out_dir = str(run_config.get("out-dir", ""))
+    if not text or not out_dir:
+        raise ProtocolError(
+            "a study run needs run config `protocol-yaml` (the protocol text) and `out-dir`. "
+            "Fix: start it with `fedrwe study run PROTOCOL --out DIR`."
+        )
+    try:
+        protocol = parse_protocol(yaml.safe_load(text), "in the run config")
+    except yaml.YAMLError as error:
+        raise ProtocolError(f"run config `protocol-yaml` is not valid YAML: {error}") from None
+    timeout_s = float(run_config.get("round-timeout-s", DEFAULT_ROUND_TIMEOUT_S))
+    truth_path = str(run_config.get("truth-path", "")) or None
+    try:
+        return study_flow(transport, protocol, out_dir, timeout_s, truth_path)
+    except FedRWEError as error:
+        failure = Path(out_dir) / "error.txt"
+        failure.parent.mkdir(parents=True, exist_ok=True)
+        failure.write_text(f"{type(error).__name__}: {error}\n", encoding="utf-8")
+        raise

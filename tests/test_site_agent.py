@@ -1,0 +1,96 @@
+"""The site agent's request handling: the guard uses the site's policy, errors are replies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pyspark.sql import SparkSession
+
+from coordinator.plan import StudyPlan
+from shared.protocol.messages import decode_reply
+from shared.protocol.model import load_protocol
+from site_agent.agent import SiteAgent
+from site_agent.audit.log import verify_chain
+from site_agent.settings import DisclosurePolicy, SiteSettings
+from tests.omop_builder import OmopBuilder
+from tests.test_cohort_rules import hand_built_site
+
+PROTOCOL = load_protocol(Path(__file__).parents[1] / "studies" / "ketamine_cud.yaml")
+
+
+def agent_for(tmp_path: Path, spark: SparkSession, min_cell_count: int, builder: OmopBuilder | None = None) -> SiteAgent:
+    (builder or hand_built_site()).write(tmp_path / "lake")
+    settings = SiteSettings(
+        site_id="site_t", lake=tmp_path / "lake", workdir=tmp_path / "work",
+        policy=DisclosurePolicy(min_cell_count=min_cell_count),
+    )
+    return SiteAgent(settings, spark=spark)
+
+
+@pytest.fixture(scope="module")
+def strict_agent(tmp_path_factory: pytest.TempPathFactory, spark: SparkSession) -> SiteAgent:
+    return agent_for(tmp_path_factory.mktemp("strict"), spark, min_cell_count=10)
+
+
+@pytest.fixture(scope="module")
+def open_agent(tmp_path_factory: pytest.TempPathFactory, spark: SparkSession) -> SiteAgent:
+    return agent_for(tmp_path_factory.mktemp("open"), spark, min_cell_count=1)
+
+
+def summary_request() -> bytes:
+    request = StudyPlan(PROTOCOL).next_request()
+    assert request is not None
+    return request.to_bytes()
+
+
+def test_small_counts_are_refused_by_the_sites_policy(strict_agent: SiteAgent) -> None:
+    agent = strict_agent
+    reply = decode_reply(agent.handle(summary_request()))
+    assert reply.status == "refused"
+    assert reply.results == {}
+    assert "site 'site_t'" in (reply.error or "") and "minimum cell count 10" in (reply.error or "")
+
+
+def test_the_request_cannot_lower_the_threshold(strict_agent: SiteAgent) -> None:
+    agent = strict_agent
+    request = json.loads(summary_request())
+    request["tasks"]["arm_summary"] = {"min_cell_count": 1}
+    reply = decode_reply(agent.handle(json.dumps(request).encode()))
+    assert reply.status == "refused"
+
+
+def test_release_passes_when_policy_allows_and_every_decision_is_logged(tmp_path: Path, spark: SparkSession) -> None:
+    agent = agent_for(tmp_path, spark, min_cell_count=1)
+    reply = decode_reply(agent.handle(summary_request()))
+    assert reply.status == "ok", reply.error
+    assert reply.results["arm_summary"]["exposed"] == {"n": 3, "events": 1, "person_days": 60 + 365 + 365}
+    agent.handle(b"not json")
+    log = agent.settings.workdir / "audit" / "releases.jsonl"
+    decisions = [json.loads(line)["decision"] for line in log.read_text().splitlines()]
+    assert decisions == ["released", "error"]
+    assert verify_chain(log) is None
+    lines = log.read_text().splitlines()
+    edited = json.loads(lines[0])
+    edited["decision"] = "refused"
+    log.write_text(json.dumps(edited, sort_keys=True) + "\n" + lines[1] + "\n")
+    assert verify_chain(log) == 1
+
+
+def test_wrong_schema_version_and_unknown_task_are_clear_errors(open_agent: SiteAgent) -> None:
+    agent = open_agent
+    request = json.loads(summary_request())
+    reply = decode_reply(agent.handle(json.dumps({**request, "schema_version": 99}).encode()))
+    assert reply.status == "error" and "schema_version 99" in (reply.error or "")
+    request["tasks"] = {"propensity_magic": {}}
+    reply = decode_reply(agent.handle(json.dumps(request).encode()))
+    assert reply.status == "error" and "propensity_magic" in (reply.error or "")
+
+
+def test_a_tampered_protocol_is_refused(open_agent: SiteAgent) -> None:
+    agent = open_agent
+    request = json.loads(summary_request())
+    request["protocol"]["washout_days"] = 0
+    reply = decode_reply(agent.handle(json.dumps(request).encode()))
+    assert reply.status == "error" and "hashes to" in (reply.error or "")
