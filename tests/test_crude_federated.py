@@ -24,7 +24,7 @@ from flows.study import decode_replies
 from shared.protocol.model import load_protocol
 from shared.synthetic import generate_network
 from site_agent.agent import SiteAgent
-from site_agent.settings import DisclosurePolicy, SiteSettings
+from site_agent.settings import SiteSettings
 from tests.inprocess import InProcessTransport
 
 PROTOCOL = load_protocol(Path(__file__).parents[1] / "studies" / "ketamine_cud.yaml")

@@ -50,7 +50,8 @@ def test_small_counts_are_refused_by_the_sites_policy(strict_agent: SiteAgent) -
     reply = decode_reply(agent.handle(summary_request()))
     assert reply.status == "refused"
     assert reply.results == {}
-    assert "site 'site_t'" in (reply.error or "") and "minimum cell count 10" in (reply.error or "")
+    assert "site 'site_t'" in (reply.error or "")
+    assert "minimum cell count 10" in (reply.error or "")
 
 
 def test_the_request_cannot_lower_the_threshold(strict_agent: SiteAgent) -> None:
@@ -82,10 +83,12 @@ def test_wrong_schema_version_and_unknown_task_are_clear_errors(open_agent: Site
     agent = open_agent
     request = json.loads(summary_request())
     reply = decode_reply(agent.handle(json.dumps({**request, "schema_version": 99}).encode()))
-    assert reply.status == "error" and "schema_version 99" in (reply.error or "")
+    assert reply.status == "error"
+    assert "schema_version 99" in (reply.error or "")
     request["tasks"] = {"propensity_magic": {}}
     reply = decode_reply(agent.handle(json.dumps(request).encode()))
-    assert reply.status == "error" and "propensity_magic" in (reply.error or "")
+    assert reply.status == "error"
+    assert "propensity_magic" in (reply.error or "")
 
 
 def test_a_tampered_protocol_is_refused(open_agent: SiteAgent) -> None:
@@ -93,4 +96,5 @@ def test_a_tampered_protocol_is_refused(open_agent: SiteAgent) -> None:
     request = json.loads(summary_request())
     request["protocol"]["washout_days"] = 0
     reply = decode_reply(agent.handle(json.dumps(request).encode()))
-    assert reply.status == "error" and "hashes to" in (reply.error or "")
+    assert reply.status == "error"
+    assert "hashes to" in (reply.error or "")

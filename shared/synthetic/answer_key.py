@@ -6,7 +6,7 @@ independent derivation; ``tests/test_synthetic.py`` re-derives the same numbers 
 Delta tables with pandas.
 
 Rules and their order (attrition is counted after each):
-  1 entry, 2 index_and_arm, 3 washout, 4 age, 5 no_prior_outcome, 6 time_at_risk.
+  1 entry, 2 arm (index and arm), 3 washout, 4 age, 5 no_prior_outcome, 6 time_at_risk.
 Rule 7 gives ``event``/``time``, rule 8 the covariates (summed per arm).
 """
 
@@ -25,7 +25,7 @@ MIN_AGE = 18
 TIME_AT_RISK_START = 1
 TIME_AT_RISK_END = 365
 RULES: tuple[str, ...] = (
-    "index_and_arm",
+    "arm",
     "washout",
     "age",
     "no_prior_outcome",
@@ -73,7 +73,7 @@ def apply_cohort_rules(persons: CudPersons) -> BlockCohort:
     )
     age = calendar_year(index) - persons.demographics.year_of_birth
     passes = {
-        "index_and_arm": exposed | comparator,
+        "arm": exposed | comparator,
         "washout": (persons.observation_start <= index)
         & (index <= persons.observation_end)
         & (index - persons.observation_start >= WASHOUT_DAYS),

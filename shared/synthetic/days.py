@@ -32,9 +32,7 @@ def calendar_year(days: npt.NDArray[np.integer]) -> npt.NDArray[np.int64]:
     return years.astype(np.int64) + 1970
 
 
-def uniform_day(
-    rng: np.random.Generator, first: npt.ArrayLike, last: npt.ArrayLike
-) -> Days:
+def uniform_day(rng: np.random.Generator, first: npt.ArrayLike, last: npt.ArrayLike) -> Days:
     """One uniform integer day per element in ``[first, last]`` (inclusive, ``first <= last``)."""
     first_arr = np.asarray(first, dtype=np.int64)
     last_arr = np.asarray(last, dtype=np.int64)

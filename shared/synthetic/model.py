@@ -58,20 +58,20 @@ class PlantedModel:
     hr_conditional: float = 1.98
     outcome_coefficients: dict[str, float] = field(
         default_factory=lambda: {
-            "age": -0.03,
+            "age": -0.035,
             "sex_female": 0.10,
             "race_black": -0.10,
             "race_asian": 0.0,
             "race_other": 0.05,
-            "depression": 0.60,
+            "depression": 0.75,
             "anxiety": 0.30,
-            "ptsd": 0.35,
+            "ptsd": 0.45,
             "bipolar": -0.10,
             "alcohol_use_disorder": -0.20,
             "opioid_use_disorder": -0.30,
             "cannabis_use_disorder": -0.05,
             "tobacco_use_disorder": -0.10,
-            "chronic_pain": 0.55,
+            "chronic_pain": 0.70,
             "hiv": -0.20,
             "hepatitis_c": -0.15,
             "prior_emergency_visits": 0.08,
@@ -84,22 +84,22 @@ class PlantedModel:
             "race_black": -0.35,
             "race_asian": 0.0,
             "race_other": 0.10,
-            "depression": 1.00,
+            "depression": 1.20,
             "anxiety": 0.35,
-            "ptsd": 0.55,
+            "ptsd": 0.65,
             "bipolar": 0.20,
             "alcohol_use_disorder": 0.0,
             "opioid_use_disorder": 0.25,
             "cannabis_use_disorder": 0.0,
             "tobacco_use_disorder": 0.0,
-            "chronic_pain": 0.95,
+            "chronic_pain": 1.10,
             "hiv": 0.0,
             "hepatitis_c": 0.0,
             "prior_emergency_visits": 0.15,
         }
     )
-    propensity_intercept: float = -2.45
-    daily_hazard: float = 1.6e-4  # baseline remission hazard at reference covariates
+    propensity_intercept: float = -2.5
+    daily_hazard: float = 1.7e-4  # baseline remission hazard at reference covariates
     site_propensity_spread: float = 0.45  # alpha_site = intercept + spread * z_site
     site_hazard_spread: float = 0.30  # log lambda_site = log hazard - spread * z_site
     site_case_mix_sd: float = 0.30  # site shifts of covariate prevalence logits
@@ -218,8 +218,12 @@ def site_parameters(
         }
         white, black, asian, other = model.race_probabilities
         black_k = _expit(_logit(black) + shift[-1])
-        race = (white * (1 - black_k) / (1 - black), black_k, asian * (1 - black_k) / (1 - black),
-                other * (1 - black_k) / (1 - black))
+        race = (
+            white * (1 - black_k) / (1 - black),
+            black_k,
+            asian * (1 - black_k) / (1 - black),
+            other * (1 - black_k) / (1 - black),
+        )
         sites.append(
             SiteParameters(
                 site_id=f"site_{k + 1:02d}",
@@ -227,12 +231,18 @@ def site_parameters(
                 share=round(shares[k], 6),
                 n_cud=n_cud[k],
                 n_background=n_bg[k],
-                propensity_intercept=round(model.propensity_intercept + model.site_propensity_spread * z, 6),
-                daily_hazard=float(f"{model.daily_hazard * math.exp(-model.site_hazard_spread * z):.6g}"),
+                propensity_intercept=round(
+                    model.propensity_intercept + model.site_propensity_spread * z, 6
+                ),
+                daily_hazard=float(
+                    f"{model.daily_hazard * math.exp(-model.site_hazard_spread * z):.6g}"
+                ),
                 condition_prevalence=prevalence,
                 female_prevalence=round(_expit(_logit(model.female_prevalence) + shift[-2]), 4),
                 race_probabilities=tuple(round(p, 6) for p in race),  # type: ignore[arg-type]
-                emergency_visit_rate=round(model.emergency_visit_rate * math.exp(0.5 * shift[0]), 4),
+                emergency_visit_rate=round(
+                    model.emergency_visit_rate * math.exp(0.5 * shift[0]), 4
+                ),
                 mean_age=round(model.mean_age + 2.0 * shift[1] / model.site_case_mix_sd, 2),
             )
         )

@@ -8,6 +8,7 @@ then writes records that make exactly these facts true.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,8 +58,8 @@ class CudPersons:
     demographics: Demographics
     entry: Days  # first CUD diagnosis
     entry_code: Ints  # which of ENTRY_CODES
-    severity: Floats  # latent, drives case mix only (never enters a model directly)
     conditions: Bools  # (n, len(CONDITION_COVARIATES)); for anaesthesia: in the index window
+    # (a latent severity, drawn per person, correlates the conditions and ER visits only)
     emergency_visits: Ints  # ER visits in the covariate window (anaesthesia patients)
     anaesthesia: Bools
     edge_case: Ints  # EDGE_CASES code
@@ -75,7 +76,7 @@ class CudPersons:
     @property
     def size(self) -> int:
         """Number of persons in the block."""
-        return int(self.entry.shape[0])
+        return len(self.entry)
 
     @property
     def remission_observed(self) -> Ints:
@@ -103,12 +104,11 @@ class BackgroundPersons:
     observation_end: Days
     death: Days
     conditions: Bools  # ever recorded, anywhere in observation
-    severity: Floats
 
     @property
     def size(self) -> int:
         """Number of persons in the block."""
-        return int(self.observation_start.shape[0])
+        return len(self.observation_start)
 
     @property
     def last_day(self) -> Days:
@@ -140,7 +140,7 @@ def _coefficients(values: dict[str, float]) -> Floats:
 def _demographics(
     rng: np.random.Generator, site: SiteParameters, model: PlantedModel, reference_day: Days
 ) -> Demographics:
-    n = reference_day.shape[0]
+    n = len(reference_day)
     race_p = np.asarray(site.race_probabilities, dtype=np.float64)
     age = np.clip(np.rint(rng.normal(site.mean_age, model.sd_age, n)), 18, 85).astype(np.int64)
     minor = rng.random(n) < model.minor_at_entry
@@ -156,12 +156,104 @@ def _demographics(
 
 
 def _conditions(
-    rng: np.random.Generator, site: SiteParameters, model: PlantedModel, severity: Floats, scale: float
+    rng: np.random.Generator,
+    site: SiteParameters,
+    model: PlantedModel,
+    severity: Floats,
+    scale: float,
 ) -> Bools:
     prevalence = np.array([site.condition_prevalence[c] for c in CONDITION_COVARIATES]) * scale
     logit = np.log(prevalence / (1 - prevalence))
     p = 1.0 / (1.0 + np.exp(-(logit[None, :] + model.severity_loading * severity[:, None])))
     return rng.random(p.shape) < p
+
+
+def _edge_cases(rng: np.random.Generator, model: PlantedModel, anaesthesia: Bools) -> Ints:
+    """An ``EDGE_CASES`` code per person ("none" for everyone without anaesthesia)."""
+    weights = np.array([model.edge_case_probabilities[e] for e in EDGE_CASES])
+    drawn = rng.choice(len(EDGE_CASES), size=len(anaesthesia), p=weights / weights.sum())
+    edge: Ints = np.where(anaesthesia, drawn, EDGE["none"]).astype(np.int64)
+    return edge
+
+
+def _index_offset(rng: np.random.Generator, entry: Days, edge: Ints) -> Ints:
+    """Days from entry to the anaesthesia: 0-1500, ending at least a day before DATA_END.
+
+    A prior remission needs room before index (>= 30 days); a short washout a short
+    history (<= 300 days, so that observation can start after entry-less-than-a-year).
+    """
+    latest = np.minimum(1500, DATA_END - 1 - entry)
+    first = np.where(edge == EDGE["prior_remission"], 30, 0)
+    last = np.where(edge == EDGE["short_washout"], np.minimum(latest, 300), latest)
+    return uniform_day(rng, first, last)
+
+
+def _potential_remission(
+    rng: np.random.Generator, site: SiteParameters, model: PlantedModel, x: Floats
+) -> tuple[Ints, Ints]:
+    """Remission days under ketamine and under a comparator, from one shared exponential."""
+    unit = rng.exponential(1.0, len(x))
+    rate = site.daily_hazard * np.exp(x @ _coefficients(model.outcome_coefficients))
+    treated = np.minimum(np.ceil(unit / (rate * model.hr_conditional)), MAX_REMISSION_DAY)
+    untreated = np.minimum(np.ceil(unit / rate), MAX_REMISSION_DAY)
+    return treated.astype(np.int64), untreated.astype(np.int64)
+
+
+def _observation_start(
+    rng: np.random.Generator, entry: Days, index: Days, anaesthesia: Bools, edge: Ints
+) -> Days:
+    """Start of observation: before entry, and >= 365 days before index unless the edge
+    case ``short_washout`` (30-364 days, still on or before entry)."""
+    n = len(entry)
+    lookback = rng.integers(0, 1501, n)
+    start = np.where(anaesthesia, np.minimum(entry, index - 365), entry) - lookback
+    ketamine_first = edge == EDGE["ketamine_before_entry"]  # needs room for that ketamine
+    start = np.where(ketamine_first, np.minimum(entry - 30, index - 365) - lookback, start)
+    exactly_a_year = (edge == EDGE["none"]) & anaesthesia & (index - entry <= 365)
+    start = np.where(exactly_a_year & (rng.random(n) < 0.03), index - 365, start)
+    short_washout = edge == EDGE["short_washout"]
+    short = uniform_day(rng, np.where(short_washout, np.maximum(index - entry, 30), 30), 364)
+    result: Days = np.where(short_washout, index - short, start)
+    return result
+
+
+def _observation_end_and_death(
+    rng: np.random.Generator,
+    model: PlantedModel,
+    entry: Days,
+    index: Days,
+    anaesthesia: Bools,
+    edge: Ints,
+) -> tuple[Days, Days]:
+    """End of observation and death date (``NO_DAY`` if alive).
+
+    After anaesthesia observation runs on for 1-365 days (``early_end_probability``) or
+    366-3000 days, cut at DATA_END; death follows an exponential from index. Half of the
+    deaths also end observation; the other half leave it running (registry deaths). The
+    edge case ``no_time_at_risk`` ends observation, or dies, on the index day.
+    """
+    n = len(entry)
+    early = rng.random(n) < model.early_end_probability
+    follow = np.where(early, rng.integers(1, 366, n), rng.integers(366, 3001, n))
+    end = np.where(
+        anaesthesia,
+        np.minimum(DATA_END, index + follow),
+        np.minimum(DATA_END, entry + rng.integers(30, 4001, n)),
+    )
+    daily_death = -np.log1p(-model.death_risk_one_year) / 365.0
+    death_after = np.ceil(rng.exponential(1.0 / daily_death, n)).astype(np.int64)
+    death = np.where(anaesthesia, index + death_after, NO_DAY)
+    other_death = ~anaesthesia & (rng.random(n) < model.death_risk_one_year)
+    death = np.where(other_death, uniform_day(rng, entry, end), death)
+    death = np.where(death <= end, death, NO_DAY)
+    end = np.where((death != NO_DAY) & (rng.random(n) < 0.5), death, end)
+
+    no_time = edge == EDGE["no_time_at_risk"]
+    dies_at_index = rng.random(n) < 0.5
+    end = np.where(no_time & ~dies_at_index, index, end)
+    death = np.where(no_time & ~dies_at_index, NO_DAY, death)
+    death = np.where(no_time & dies_at_index, index, death)
+    return end, death
 
 
 def simulate_cud_persons(
@@ -173,91 +265,39 @@ def simulate_cud_persons(
     demo = _demographics(rng, site, model, entry)
     severity = rng.normal(0.0, 1.0, n)
     conditions = _conditions(rng, site, model, severity, 1.0)
-    er_mean = site.emergency_visit_rate * np.exp(0.4 * severity - 0.08)
-    emergency_visits = rng.poisson(er_mean).astype(np.int64)
+    emergency_visits = rng.poisson(site.emergency_visit_rate * np.exp(0.4 * severity - 0.08))
 
     anaesthesia = rng.random(n) < model.anaesthesia_probability
-    edge_p = np.array([model.edge_case_probabilities[e] for e in EDGE_CASES])
-    edge = np.where(
-        anaesthesia, rng.choice(len(EDGE_CASES), size=n, p=edge_p / edge_p.sum()), EDGE["none"]
-    ).astype(np.int64)
-    short_washout = anaesthesia & (edge == EDGE["short_washout"])
-    prior = anaesthesia & (edge == EDGE["prior_remission"])
-    minor = anaesthesia & (edge == EDGE["minor"])
-    ketamine_first = anaesthesia & (edge == EDGE["ketamine_before_entry"])
-    no_time = anaesthesia & (edge == EDGE["no_time_at_risk"])
-
-    # Index: the anaesthesia, on or after entry and at least a day before DATA_END.
-    latest = np.minimum(1500, DATA_END - 1 - entry)
-    offset = uniform_day(rng, np.where(prior, 30, 0), np.where(short_washout, np.minimum(latest, 300), latest))
-    index = np.where(anaesthesia, entry + offset, entry)
-    index_year = calendar_year(index)
-    minor_age = rng.integers(14, 18, n)
-    year_of_birth = np.where(minor, index_year - minor_age, demo.year_of_birth)
-    demo = Demographics(
-        demo.female, demo.race, demo.hispanic, year_of_birth, demo.month_of_birth, demo.day_of_birth
+    edge = _edge_cases(rng, model, anaesthesia)
+    index = np.where(anaesthesia, entry + _index_offset(rng, entry, edge), entry)
+    minor = edge == EDGE["minor"]  # 14-17 in the index year
+    year_of_birth = np.where(
+        minor, calendar_year(index) - rng.integers(14, 18, n), demo.year_of_birth
     )
+    demo = dataclasses.replace(demo, year_of_birth=year_of_birth)
 
-    x = design_matrix(demo, index_year, conditions, emergency_visits)
-    propensity = 1.0 / (
-        1.0 + np.exp(-(site.propensity_intercept + x @ _coefficients(model.propensity_coefficients)))
-    )
+    x = design_matrix(demo, calendar_year(index), conditions, emergency_visits)
+    logit = site.propensity_intercept + x @ _coefficients(model.propensity_coefficients)
+    propensity = 1.0 / (1.0 + np.exp(-logit))
     treated = rng.random(n) < propensity
-    ketamine_at_index = anaesthesia & treated & ~ketamine_first
+    remission_treated, remission_untreated = _potential_remission(rng, site, model, x)
 
-    # Potential remission days with common random numbers.
-    unit = rng.exponential(1.0, n)
-    rate = site.daily_hazard * np.exp(x @ _coefficients(model.outcome_coefficients))
-    remission_untreated = np.minimum(np.ceil(unit / rate), MAX_REMISSION_DAY).astype(np.int64)
-    remission_treated = np.minimum(
-        np.ceil(unit / (rate * model.hr_conditional)), MAX_REMISSION_DAY
-    ).astype(np.int64)
-
-    # Observation period.
-    lookback = rng.integers(0, 1501, n)
-    start = np.where(anaesthesia, np.minimum(entry, index - 365), entry) - lookback
-    start = np.where(ketamine_first, np.minimum(entry - 30, index - 365) - lookback, start)
-    exact_washout = anaesthesia & (edge == EDGE["none"]) & (offset <= 365) & (rng.random(n) < 0.03)
-    start = np.where(exact_washout, index - 365, start)
-    short = uniform_day(rng, np.where(short_washout, np.maximum(offset, 30), 30), 364)
-    start = np.where(short_washout, index - short, start)
-
-    follow = np.where(
-        rng.random(n) < model.early_end_probability, rng.integers(1, 366, n), rng.integers(366, 3001, n)
-    )
-    end = np.where(anaesthesia, np.minimum(DATA_END, index + follow), np.minimum(DATA_END, entry + rng.integers(30, 4001, n)))
-
-    # Death: exponential after index for anaesthesia patients, uniform otherwise.
-    daily_death = -np.log1p(-model.death_risk_one_year) / 365.0
-    death_after = np.ceil(rng.exponential(1.0 / daily_death, n)).astype(np.int64)
-    death = np.where(anaesthesia, index + death_after, NO_DAY)
-    other_death = ~anaesthesia & (rng.random(n) < model.death_risk_one_year)
-    death = np.where(other_death, uniform_day(rng, entry, end), death)
-    death = np.where(death <= end, death, NO_DAY)
-    end_at_death = (death != NO_DAY) & (rng.random(n) < 0.5)
-    end = np.where(end_at_death, death, end)
-
-    # No time at risk: observation ends on the index day, or death on the index day.
-    dies_at_index = rng.random(n) < 0.5
-    end = np.where(no_time & ~dies_at_index, index, end)
-    death = np.where(no_time & ~dies_at_index, NO_DAY, death)
-    death = np.where(no_time & dies_at_index, index, death)
-
+    start = _observation_start(rng, entry, index, anaesthesia, edge)
+    end, death = _observation_end_and_death(rng, model, entry, index, anaesthesia, edge)
+    prior = edge == EDGE["prior_remission"]  # between entry and index (index >= entry + 30)
     prior_remission = np.where(
-        prior, uniform_day(rng, np.maximum(start, entry + 1), np.maximum(index - 1, entry + 1)), NO_DAY
+        prior, uniform_day(rng, entry + 1, np.where(prior, index - 1, entry + 1)), NO_DAY
     )
-
     return CudPersons(
         demographics=demo,
         entry=entry,
         entry_code=entry_code,
-        severity=severity,
         conditions=conditions,
         emergency_visits=emergency_visits,
         anaesthesia=anaesthesia,
         edge_case=edge,
         index=index,
-        ketamine_at_index=ketamine_at_index,
+        ketamine_at_index=anaesthesia & treated & (edge != EDGE["ketamine_before_entry"]),
         propensity=propensity,
         observation_start=start,
         observation_end=end,
@@ -285,5 +325,4 @@ def simulate_background_persons(
         observation_end=end,
         death=death,
         conditions=conditions,
-        severity=severity,
     )

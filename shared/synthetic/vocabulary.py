@@ -174,7 +174,14 @@ _STANDARD_CONCEPTS: tuple[tuple[int, str, str, str, str, str], ...] = (
     (omop.RACE_WHITE, "White", "Race", "Race", "Race", "5"),
     (omop.RACE_BLACK, "Black or African American", "Race", "Race", "Race", "3"),
     (omop.RACE_ASIAN, "Asian", "Race", "Race", "Race", "2"),
-    (omop.ETHNICITY_HISPANIC, "Hispanic or Latino", "Ethnicity", "Ethnicity", "Ethnicity", "Hispanic"),
+    (
+        omop.ETHNICITY_HISPANIC,
+        "Hispanic or Latino",
+        "Ethnicity",
+        "Ethnicity",
+        "Ethnicity",
+        "Hispanic",
+    ),
     (
         omop.ETHNICITY_NOT_HISPANIC,
         "Not Hispanic or Latino",
