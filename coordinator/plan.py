@@ -8,8 +8,11 @@ A plan is a small state machine, independent of the transport and of Prefect:
     results = plan.analyses()
 
 Round 1 carries everything one exchange can: attrition, per-arm counts, provenance, the
-Cox derivatives at 0 and each site's local fit (the warm start). Later rounds are Newton
-steps of the site-stratified Cox model until the step is below ``tolerance``.
+Cox derivatives at 0 and each site's local fit (the warm start). Later rounds are Halley
+steps (Newton with the third derivative, cubic convergence) of the site-stratified Cox
+model until the step is below ``tolerance``; the last step is then taken centrally and
+the Hessian moved to the final estimate with the third derivative, so the estimate and
+its SE are exact to O(step^3) and O(step^2), far below 1e-8, one exchange earlier.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 from shared.errors import ConvergenceError, InsufficientSites, SiteError
 from shared.protocol.messages import RoundReply, RoundRequest
 from shared.protocol.model import StudyProtocol
-from shared.stats.cox import CoxDerivatives, newton_step
+from shared.stats.cox import CoxDerivatives, halley_step, newton_step
 from shared.stats.inference import wald_ratio
 
 _ARMS = ("exposed", "comparator")
@@ -41,7 +44,7 @@ class StudyPlan:
     """Rounds and central computations of a study (for now: counts and the crude Cox HR)."""
 
     protocol: StudyProtocol
-    tolerance: float = 1e-10
+    tolerance: float = 1e-6
     max_newton_rounds: int = 25
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     _round: int = 0
@@ -109,8 +112,7 @@ class StudyPlan:
                 "person_days_exposed": summary["exposed"]["person_days"],
                 "person_days_comparator": summary["comparator"]["person_days"],
                 "attrition": results["attrition"]["steps"],
-                "input_versions": results["provenance"]["input_versions"],
-                "dataset_version": results["provenance"]["dataset_version"],
+                "provenance": results["provenance"],
             }
             if results["crude_cox"].get("local_fit"):
                 local_fits.append(results["crude_cox"]["local_fit"])
@@ -131,18 +133,20 @@ class StudyPlan:
         if state.previous is not None and total.loglik < state.previous[1] - 1e-9 * abs(state.previous[1]):
             state.beta = 0.5 * (state.beta + state.previous[0])  # overshoot: halve the step
             return
-        update = newton_step(np.array([state.beta]), total)
+        update = halley_step(state.beta, total)
         state.previous = (state.beta, total.loglik)
         if update.max_abs_step < self.tolerance:
-            beta = float(update.beta[0])
-            se = float(np.sqrt(-1.0 / total.hessian[0, 0]))
-            state.final = {"beta": beta, "se": se, "loglik": total.loglik}
+            step = float(update.step[0])
+            hessian = float(total.hessian[0, 0]) + (total.third or 0.0) * step
+            se = float(np.sqrt(-1.0 / hessian))
+            state.final = {"beta": float(update.beta[0]), "se": se, "loglik": total.loglik}
         else:
             state.beta = float(update.beta[0])
 
     def analyses(self) -> dict[str, Any]:
         """The study's estimates once :meth:`next_request` returned None."""
-        assert self._newton is not None and self._newton.final is not None
+        assert self._newton is not None
+        assert self._newton.final is not None
         final = self._newton.final
         ratio = wald_ratio(final["beta"], final["se"])
         counts = {

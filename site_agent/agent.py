@@ -139,10 +139,12 @@ class SiteAgent:
             "attrition": lambda params: attrition(state.dataset.attrition),
             "arm_summary": lambda params: arm_summary(state.events),
             "crude_cox": lambda params: crude_cox(state.events, params),
-            "provenance": lambda params: Release(
-                {"input_versions": state.dataset.input_versions,
-                 "dataset_version": state.dataset.delta_version}
-            ),
+            "provenance": lambda params: Release({
+                "input_versions": state.dataset.input_versions,
+                "dataset_version": state.dataset.delta_version,
+                "dataset_rebuilt": state.dataset.rebuilt,
+                "cohort_seconds": state.dataset.build_seconds,
+            }),
         }
         unknown = sorted(set(request.tasks) - set(partials))
         if unknown:

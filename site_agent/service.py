@@ -88,6 +88,8 @@ def serve(settings: SiteSettings) -> None:
         raise
 
     def stop(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough; let Spark shut down
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m site_agent.service", description=__doc__)
     parser.add_argument("--config", required=True, type=Path, help="the site's settings (TOML)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
     try:
         serve(load_site_settings(args.config))
     except FedRWEError as error:

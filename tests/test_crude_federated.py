@@ -72,6 +72,11 @@ def test_cohort_counts_equal_the_generators_answer_key(network: dict[str, Any]) 
         for field in ("n_exposed", "n_comparator", "events_exposed", "events_comparator",
                       "person_days_exposed", "person_days_comparator"):
             assert site[field] == key[field], (site_id, field)
+        steps = {step["step"]: step for step in site["attrition"]}
+        assert steps["entry"]["n_persons"] == key["n_cud"]
+        for rule in key["attrition"]:
+            step = steps[rule["rule"]]
+            assert (step["n_exposed"], step["n_comparator"]) == (rule["n_exposed"], rule["n_comparator"])
 
 
 def test_crude_hr_equals_statsmodels_phreg_on_pooled_rows(network: dict[str, Any]) -> None:

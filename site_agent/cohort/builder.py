@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from shared.protocol.model import RACE_LEVELS, StudyProtocol
 from shared.omop import GENDER_FEMALE, RACE_ASIAN, RACE_BLACK, RACE_WHITE
+from shared.protocol.model import RACE_LEVELS, StudyProtocol
 from site_agent.cohort.codes import code_predicate
 
 _RACE_CONCEPTS = {"black": RACE_BLACK, "asian": RACE_ASIAN}

@@ -8,6 +8,7 @@ Otherwise it is rebuilt (a new Delta version, so earlier ones stay readable for 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class AnalysisDataset:
     delta_version: int
     input_versions: dict[str, int]
     rebuilt: bool
+    build_seconds: float
 
 
 class DatasetStore:
@@ -59,13 +61,15 @@ class DatasetStore:
             loaded.frame.unpersist()
         path = self.path(protocol.study_id)
         rebuilt = self._backend.last_commit_metadata(path).get(_KEY) != key
+        started = time.perf_counter()
         if rebuilt:
             self._build(protocol, path, key)
         last = self._backend.last_commit_metadata(path)
         attrition = [AttritionStep(**step) for step in json.loads(str(last[_ATTRITION]))]
         snapshot = self._backend.read("analysis_dataset", path)
         dataset = AnalysisDataset(
-            key, snapshot.frame.cache(), attrition, snapshot.version, input_versions, rebuilt
+            key, snapshot.frame.cache(), attrition, snapshot.version, input_versions, rebuilt,
+            round(time.perf_counter() - started, 3),
         )
         self._loaded[protocol.study_id] = dataset
         return dataset
