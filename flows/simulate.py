@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.localnet import LocalNetwork, SiteSpec, free_port
-from shared.errors import DataError
+from shared.errors import DataError, FedRWEError, TransportError
 from shared.protocol.model import StudyProtocol, load_protocol
 from shared.synthetic import generate_network
 
@@ -142,12 +142,22 @@ def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, 
         console.print(f"    Prefect UI: {network.prefect_api_url.removesuffix('/api')}")
         console.print(f"[bold]3/4[/] running {protocol.study_id} over Flower")
         t_run = time.perf_counter()
+        failure = out / "error.txt"
+        failure.unlink(missing_ok=True)
         with PeakMemory(network) as memory:
-            run = network.submit_run({
-                "protocol-yaml": settings.protocol.read_text(encoding="utf-8"),
-                "out-dir": str(out),
-                "truth-path": str(out / "truth.json"),
-            })
+            try:
+                run = network.submit_run({
+                    "protocol-yaml": settings.protocol.read_text(encoding="utf-8"),
+                    "out-dir": str(out),
+                    "truth-path": str(out / "truth.json"),
+                })
+            except TransportError as error:
+                if failure.exists():  # the study itself failed: show its one clear reason
+                    raise FedRWEError(
+                        f"the study failed: {failure.read_text(encoding='utf-8').strip()} "
+                        f"(logs: {out / 'run' / 'logs'})"
+                    ) from error
+                raise
         timings["study_run_s"] = round(time.perf_counter() - t_run, 2)
         timings["flower_run_id"] = run.run_id
     timings["peak_rss_bytes"] = {"per_process": memory.per_process, "total": memory.total}

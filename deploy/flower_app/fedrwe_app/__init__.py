@@ -1,0 +1,1 @@
+"""Thin Flower app components that point at the installed fedrwe package."""

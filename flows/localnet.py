@@ -1,0 +1,736 @@
+"""The simulated federation on 127.0.0.1: real processes, always cleaned up.
+
+``LocalNetwork`` is a context manager that starts, and on leaving (normally, on an
+exception, on Ctrl-C or SIGTERM) always stops:
+
+1. a Prefect server (``prefect server start``) with its own ``PREFECT_HOME`` under the
+   run dir, unless ``prefect_api_url`` points at a running one;
+2. one ``flower-superlink`` (insecure, no runtime dependency installation);
+3. per site: the site service (an argv the caller gives) and one ``flower-supernode``
+   whose ``--node-config`` carries ``site-id`` and ``service-url``.
+
+Every process logs to ``<run_dir>/logs/<name>.log``; each start-up time is kept in
+``startup_seconds``. Stopping kills whole process trees: the SuperLink starts its
+``flower-superexec`` in a session of its own, so killing process groups alone would
+leave it running.
+
+``submit_run`` submits the Flower app in ``deploy/flower_app`` with a run config,
+follows it to the end and raises ``TransportError`` with the ServerApp's log tail if
+the run failed (``flwr run`` itself exits 0 even then).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO, Any
+
+import httpx
+import psutil
+import tomli_w
+
+from shared.errors import TransportError
+
+HOST = "127.0.0.1"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_APP_DIR = REPO_ROOT / "deploy" / "flower_app"
+CONNECTION_NAME = "fedrwe-local"
+SUPEREXEC_POLL_INTERVAL_S = "0.05"
+STOP_GRACE_S = 5.0
+SUPERNODE_READY = re.compile(r"SuperNode ID: (\d+)")  # logged once registered
+RunConfig = Mapping[str, bool | int | float | str]
+
+# Quiet, offline Flower and Prefect: no telemetry, no update check, no analytics.
+BASE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One simulated site: its service argv and (optionally) fixed ports.
+
+    In ``service_argv`` the tokens ``{port}`` and ``{site_id}`` are replaced by the
+    service's port and the site id, e.g.
+    ``[sys.executable, "tests/echo_site_service.py", "--site-id", "{site_id}",
+    "--port", "{port}"]``. A service that reads its port from its own config needs
+    ``service_port`` set to that port.
+    """
+
+    site_id: str
+    service_argv: Sequence[str]
+    service_port: int | None = None
+    supernode_port: int | None = None
+
+
+@dataclass
+class ManagedProcess:
+    """A process this network started, its log and its start-up time."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    started_at: float
+    ready_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class FlowerRun:
+    """A finished Flower run: its id, final status and where its ServerApp log is."""
+
+    run_id: int
+    status: str
+    details: str
+    seconds: float
+    log_path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- ports and logs
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    """Return whether a server could listen on ``127.0.0.1:port`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def port_owner(port: int) -> str:
+    """Describe the process listening on ``port``, if it can be found."""
+    with contextlib.suppress(psutil.Error, OSError):
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+                if conn.pid is None:
+                    break
+                proc = psutil.Process(conn.pid)
+                return f"pid {conn.pid} ({' '.join(proc.cmdline())[:120]})"
+    return "another process"
+
+
+def claim_port(requested: int | None, who: str, option: str, taken: set[int]) -> int:
+    """Return ``requested`` if it is free (else raise), or a free port if it is None."""
+    if requested is None:
+        port = free_port()
+        while port in taken:
+            port = free_port()
+    elif requested in taken or not port_is_free(requested):
+        owner = "this network" if requested in taken else port_owner(requested)
+        raise TransportError(
+            f"port {requested} on {HOST}, wanted by {who}, is already in use by {owner}. "
+            f"Fix: choose another port with the `{option}` option, or stop the other process."
+        )
+    else:
+        port = requested
+    taken.add(port)
+    return port
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """Return the last ``lines`` lines of a log file (or a note that it is missing)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return f"(no log at {path})"
+    tail = "\n".join(text.splitlines()[-lines:])
+    return f"--- last {lines} lines of {path} ---\n{tail}"
+
+
+def executable(name: str) -> str:
+    """Return the path of a console script from this Python's environment."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise TransportError(
+            f"`{name}` is not installed next to {sys.executable} nor on PATH. "
+            "Fix: install fedrwe's dependencies (`pip install -e .`) in this environment."
+        )
+    return found
+
+
+def base_env() -> dict[str, str]:
+    """This process's environment, quiet and offline, with this venv's bin on PATH.
+
+    Flower starts ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by
+    bare name, so they must be found on PATH even when the venv is not activated.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    return {**os.environ, **BASE_ENV, "PATH": f"{bin_dir}{os.pathsep}{path}"}
+
+
+Probe = Callable[[], str | None]
+
+
+def _http_probe(client: httpx.Client, url: str) -> Probe:
+    """Return a probe that finds "ok" once ``GET url`` answers 200."""
+
+    def probe() -> str | None:
+        with contextlib.suppress(httpx.HTTPError):
+            if client.get(url).status_code == 200:
+                return "ok"
+        return None
+
+    probe.__doc__ = f"GET {url} never answered 200"
+    return probe
+
+
+def _log_probe(path: Path, pattern: re.Pattern[str]) -> Probe:
+    """Return a probe that finds the first group of ``pattern`` once it is logged."""
+
+    def probe() -> str | None:
+        with contextlib.suppress(OSError):
+            if match := pattern.search(path.read_text(encoding="utf-8", errors="replace")):
+                return match.group(1)
+        return None
+
+    probe.__doc__ = f"{path.name} never logged {pattern.pattern!r}"
+    return probe
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    """Look up prctl(2) in the parent, so the forked child only has to call it."""
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+        return prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the starting thread dies (Linux only).
+
+    A backstop for when this process is SIGKILLed and cannot run ``stop()``.
+    """
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# ---------------------------------------------------------------- stopping
+
+
+def stop_trees(roots: Sequence[psutil.Process], grace_s: float = STOP_GRACE_S) -> list[str]:
+    """SIGTERM every root, its process group and all descendants; SIGKILL stragglers.
+
+    Returns a description of each process that had to be killed.
+    """
+    procs: dict[int, psutil.Process] = {}
+    groups: set[int] = set()
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            procs[root.pid] = root
+            groups.add(os.getpgid(root.pid))
+            for child in root.children(recursive=True):
+                procs[child.pid] = child
+    for pgid in groups:
+        with contextlib.suppress(OSError):
+            os.killpg(pgid, signal.SIGTERM)
+    for proc in procs.values():
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
+    killed: list[str] = []
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            killed.append(f"pid {proc.pid} ({proc.name()})")
+            proc.kill()
+    for pgid in groups:
+        with contextlib.suppress(OSError):
+            os.killpg(pgid, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=grace_s)
+    return killed
+
+
+# ---------------------------------------------------------------- the network
+
+
+class LocalNetwork:
+    """A Prefect server, a SuperLink and per-site service + SuperNode on 127.0.0.1.
+
+    Use as ``with LocalNetwork(run_dir, sites) as net: net.submit_run({...})``.
+
+    Args:
+        run_dir: logs (``logs/<name>.log``), FLWR_HOMEs and the staged app go here.
+        sites: the sites to simulate, one service and one SuperNode each.
+        prefect_api_url: use this running Prefect server instead of starting one.
+        prefect_port, superlink_port: fixed ports (default: free ones).
+        prefect_home: the started server's PREFECT_HOME (default ``run_dir/prefect_home``);
+            reuse one to keep flow-run history and skip the ~5 s database set-up.
+        start_timeout_s: how long each process may take to become ready.
+
+    After start: ``prefect_api_url``, ``superlink_address``, ``node_ids`` (site id ->
+    Flower node id), ``startup_seconds`` (process name -> seconds, plus ``total``).
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        sites: Sequence[SiteSpec],
+        *,
+        prefect_api_url: str | None = None,
+        prefect_port: int | None = None,
+        prefect_home: Path | None = None,
+        superlink_port: int | None = None,
+        start_timeout_s: float = 90.0,
+    ) -> None:
+        self.run_dir = Path(run_dir).resolve()
+        self.prefect_home = Path(prefect_home or self.run_dir / "prefect_home").resolve()
+        self.sites = list(sites)
+        self.prefect_api_url = prefect_api_url or ""
+        self._ports_requested = (prefect_port, superlink_port)
+        self.start_timeout_s = start_timeout_s
+        self.processes: dict[str, ManagedProcess] = {}
+        self.startup_seconds: dict[str, float] = {}
+        self.node_ids: dict[str, int] = {}
+        self.superlink_port = 0
+        self._logs: list[IO[bytes]] = []
+        self._old_sigterm: Any = None
+        self._stopped = True
+        self.killed_on_stop: list[str] = []  # processes that ignored SIGTERM for STOP_GRACE_S
+        self.stop_seconds = 0.0
+
+    # -- context manager
+    def __enter__(self) -> LocalNetwork:
+        """Start everything (see ``start``)."""
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop every process, whatever happened inside the block."""
+        self.stop()
+
+    @property
+    def superlink_address(self) -> str:
+        """``host:port`` of the SuperLink's HTTP API (Fleet, Control and Runtime)."""
+        return f"{HOST}:{self.superlink_port}"
+
+    # -- start
+    def start(self) -> None:
+        """Start the Prefect server, the SuperLink and every site; wait until ready.
+
+        Every port is checked before anything starts. If any start fails (or Ctrl-C /
+        SIGTERM arrives) what was started is stopped and the error re-raised.
+        """
+        ports = self._claim_ports()
+        self._stopped = False
+        self._install_signal_handlers()
+        try:
+            self._start_all(*ports)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _claim_ports(self) -> tuple[int, list[tuple[int, int]]]:
+        """Return the Prefect port (0: none needed) and each site's two ports."""
+        taken: set[int] = set()
+        prefect_port, superlink_port = self._ports_requested
+        if not self.prefect_api_url:
+            prefect_port = claim_port(prefect_port, "the Prefect server", "prefect_port", taken)
+        self.superlink_port = claim_port(
+            superlink_port, "flower-superlink", "superlink_port", taken
+        )
+        site_ports = [
+            (
+                claim_port(s.service_port, f"site service {s.site_id}", "service_port", taken),
+                claim_port(
+                    s.supernode_port, f"flower-supernode {s.site_id}", "supernode_port", taken
+                ),
+            )
+            for s in self.sites
+        ]
+        return int(prefect_port or 0), site_ports
+
+    def _start_all(self, prefect_port: int, site_ports: list[tuple[int, int]]) -> None:
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        if self.prefect_api_url:
+            _check_external_prefect(self.prefect_api_url)
+        else:
+            self._start_prefect(prefect_port)
+        self._start_superlink()
+        self._write_cli_config()
+        for site, (service_port, supernode_port) in zip(self.sites, site_ports, strict=True):
+            self._start_site(site, service_port, supernode_port)
+        with httpx.Client(timeout=1.0) as client:  # one client: no SSL context per probe
+            probes = {"superlink": _http_probe(client, f"http://{self.superlink_address}/health")}
+            if "prefect-server" in self.processes:
+                probes["prefect-server"] = _http_probe(client, f"{self.prefect_api_url}/health")
+            for site, (service_port, _) in zip(self.sites, site_ports, strict=True):
+                probes[f"{site.site_id}-service"] = _http_probe(
+                    client, f"http://{HOST}:{service_port}/v1/health"
+                )
+                probes[f"{site.site_id}-supernode"] = _log_probe(
+                    self.processes[f"{site.site_id}-supernode"].log_path, SUPERNODE_READY
+                )
+            found = self._wait_ready(probes)
+        self.node_ids = {s.site_id: int(found[f"{s.site_id}-supernode"]) for s in self.sites}
+        self.startup_seconds["total"] = time.monotonic() - t0
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        env = {**base_env(), **extra}
+        if self.prefect_api_url:
+            env["PREFECT_API_URL"] = self.prefect_api_url
+            env["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
+        return env
+
+    def _spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        log_file = log_path.open("ab")
+        self._logs.append(log_file)
+        log_file.write(f"$ {' '.join(argv)}\n".encode())
+        log_file.flush()
+        try:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=dict(env),
+                start_new_session=True,  # Ctrl-C reaches only us; stop() then ends them
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as err:
+            raise TransportError(f"cannot start {name} ({argv[0]}): {err}") from err
+        self.processes[name] = ManagedProcess(name, popen, log_path, time.monotonic())
+
+    def _start_prefect(self, port: int) -> None:
+        home = self.prefect_home
+        home.mkdir(parents=True, exist_ok=True)
+        argv = [executable("prefect"), "server", "start", "--host", HOST, "--port", str(port)]
+        argv += ["--analytics-off"]
+        env = {k: v for k, v in self._env(PREFECT_HOME=str(home)).items() if k != "PREFECT_API_URL"}
+        self._spawn("prefect-server", argv, env)
+        self.prefect_api_url = f"http://{HOST}:{port}/api"
+
+    def _start_superlink(self) -> None:
+        home = self.run_dir / "flwr_home" / "superlink"
+        home.mkdir(parents=True, exist_ok=True)
+        argv = [executable("flower-superlink"), "--insecure"]
+        argv += ["--disable-runtime-dependency-installation"]
+        argv += ["--host", HOST, "--port", str(self.superlink_port)]
+        env = self._env(
+            FLWR_HOME=str(home), FLWR_SUPEREXEC_TASK_POLL_INTERVAL=SUPEREXEC_POLL_INTERVAL_S
+        )
+        self._spawn("superlink", argv, env)
+
+    def _start_site(self, site: SiteSpec, service_port: int, supernode_port: int) -> None:
+        argv = [
+            a.replace("{port}", str(service_port)).replace("{site_id}", site.site_id)
+            for a in site.service_argv
+        ]
+        self._spawn(f"{site.site_id}-service", argv, self._env())
+        home = self.run_dir / "flwr_home" / site.site_id
+        home.mkdir(parents=True, exist_ok=True)
+        node_config = f"site-id='{site.site_id}' service-url='http://{HOST}:{service_port}'"
+        sn_argv = [executable("flower-supernode"), "--insecure"]
+        sn_argv += ["--superlink", self.superlink_address, "--host", HOST]
+        sn_argv += ["--port", str(supernode_port), "--node-config", node_config]
+        env = self._env(
+            FLWR_HOME=str(home), FLWR_SUPEREXEC_TASK_POLL_INTERVAL=SUPEREXEC_POLL_INTERVAL_S
+        )
+        self._spawn(f"{site.site_id}-supernode", sn_argv, env)
+
+    def _write_cli_config(self) -> None:
+        home = self.run_dir / "flwr_home" / "cli"
+        home.mkdir(parents=True, exist_ok=True)
+        config = {
+            "superlink": {
+                "default": CONNECTION_NAME,
+                CONNECTION_NAME: {"address": self.superlink_address, "insecure": True},
+            }
+        }
+        (home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+
+    # -- readiness
+    def _check_alive(self, name: str) -> None:
+        proc = self.processes[name]
+        code = proc.popen.poll()
+        if code is not None:
+            raise TransportError(
+                f"{name} exited with code {code} during start-up.\n{log_tail(proc.log_path)}"
+            )
+
+    def _wait_ready(self, probes: Mapping[str, Probe]) -> dict[str, str]:
+        """Probe every process until each is ready; record its start-up time.
+
+        Returns what each probe found (a SuperNode's probe finds its node id).
+        """
+        found: dict[str, str] = {}
+        while len(found) < len(probes):
+            for name, probe in probes.items():
+                if name in found:
+                    continue
+                self._check_alive(name)
+                proc = self.processes[name]
+                if (value := probe()) is not None:
+                    found[name] = value
+                    proc.ready_seconds = time.monotonic() - proc.started_at
+                    self.startup_seconds[name] = proc.ready_seconds
+                elif time.monotonic() - proc.started_at > self.start_timeout_s:
+                    raise TransportError(
+                        f"{name} was not ready within {self.start_timeout_s:g} s "
+                        f"({probe.__doc__}). Fix: read its log below, or raise "
+                        f"start_timeout_s on a slow machine.\n{log_tail(proc.log_path)}"
+                    )
+            time.sleep(0.1)
+        return found
+
+    # -- inspection
+    def rss_bytes(self) -> dict[str, int]:
+        """Resident memory of each started process, summed over its process tree."""
+        out: dict[str, int] = {}
+        for name, proc in self.processes.items():
+            total = 0
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(proc.popen.pid)
+                for p in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        total += p.memory_info().rss
+            out[name] = total
+        return out
+
+    def pids(self) -> set[int]:
+        """Pids of every started process and all their descendants right now."""
+        found: set[int] = set()
+        for proc in self.processes.values():
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(proc.popen.pid)
+                found |= {root.pid, *(c.pid for c in root.children(recursive=True))}
+        return found
+
+    # -- runs
+    def submit_run(
+        self,
+        run_config: RunConfig,
+        *,
+        app_dir: Path = DEFAULT_APP_DIR,
+        timeout_s: float = 900.0,
+    ) -> FlowerRun:
+        """Submit the Flower app with ``run_config`` and follow it to the end.
+
+        ``prefect-api-url`` defaults to this network's Prefect server and ``min-nodes``
+        to the number of sites. Raises ``TransportError`` if the run failed.
+        """
+        config: dict[str, bool | int | float | str] = {
+            "prefect-api-url": self.prefect_api_url,
+            "min-nodes": len(self.sites),
+            **run_config,
+        }
+        return submit_run(
+            config,
+            flwr_home=self.run_dir / "flwr_home" / "cli",
+            run_dir=self.run_dir,
+            app_dir=app_dir,
+            timeout_s=timeout_s,
+        )
+
+    # -- stop
+    def stop(self) -> None:
+        """Stop every started process and its descendants; idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        roots = []
+        for proc in reversed(list(self.processes.values())):
+            with contextlib.suppress(psutil.Error):
+                roots.append(psutil.Process(proc.popen.pid))
+        t0 = time.monotonic()
+        self.killed_on_stop = stop_trees(roots)
+        self.stop_seconds = time.monotonic() - t0
+        for proc in self.processes.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=STOP_GRACE_S)
+        for log_file in self._logs:
+            log_file.close()
+        self._logs.clear()
+        self._restore_signal_handlers()
+
+    def _install_signal_handlers(self) -> None:
+        atexit.register(self.stop)
+        if threading.current_thread() is threading.main_thread():
+            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+
+    def _restore_signal_handlers(self) -> None:
+        atexit.unregister(self.stop)
+        if self._old_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+
+
+def _check_external_prefect(api_url: str) -> None:
+    """Fail unless the Prefect server the caller named answers ``/health``."""
+    try:
+        ok = httpx.get(f"{api_url.rstrip('/')}/health", timeout=5.0).status_code == 200
+    except httpx.HTTPError:
+        ok = False
+    if not ok:
+        raise TransportError(
+            f"no Prefect server answers at {api_url} (GET /health). Fix: start it "
+            "(`prefect server start --host 127.0.0.1`) or leave prefect_api_url unset so "
+            "the local network starts its own."
+        )
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """Turn SIGTERM into an exception so ``with LocalNetwork(...)`` cleans up."""
+    raise SystemExit(128 + signum)
+
+
+# ---------------------------------------------------------------- submitting runs
+
+
+def _flwr(args: Sequence[str], flwr_home: Path, timeout_s: float) -> str:
+    """Run a ``flwr`` CLI command against ``flwr_home``; return its stdout."""
+    env = {**base_env(), "FLWR_HOME": str(flwr_home)}
+    try:
+        done = subprocess.run(
+            [executable("flwr"), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise TransportError(f"`flwr {' '.join(args)}` did not finish in {timeout_s:g} s") from err
+    return done.stdout
+
+
+def _json_out(stdout: str, command: str) -> dict[str, Any]:
+    start = stdout.find("{")
+    try:
+        return dict(json.loads(stdout[start:]))
+    except (ValueError, TypeError) as err:
+        raise TransportError(f"`{command}` printed no JSON: {stdout[-2000:]!r}") from err
+
+
+def stage_app(app_dir: Path, run_config: RunConfig, dest: Path) -> Path:
+    """Copy the Flower app to ``dest`` and declare every run-config key it lacks.
+
+    The SuperLink rejects override keys that ``[tool.flwr.app.config]`` does not
+    declare; declaring them (with the given value as default) lets callers pass any
+    key without editing the app.
+    """
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(app_dir, dest, ignore=shutil.ignore_patterns("__pycache__", "*.fab"))
+    pyproject = dest / "pyproject.toml"
+    data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    declared = data["tool"]["flwr"]["app"].setdefault("config", {})
+    for key, value in run_config.items():
+        declared.setdefault(key, value)
+    pyproject.write_text(tomli_w.dumps(data), encoding="utf-8")
+    return dest
+
+
+def submit_run(
+    run_config: RunConfig,
+    *,
+    flwr_home: Path,
+    run_dir: Path,
+    app_dir: Path = DEFAULT_APP_DIR,
+    connection: str = CONNECTION_NAME,
+    timeout_s: float = 900.0,
+) -> FlowerRun:
+    """Submit a Flower run, stream its ServerApp log to a file, and check its status.
+
+    ``flwr_home`` holds the CLI's ``config.toml`` naming the SuperLink ``connection``.
+    Raises ``TransportError`` when the submission is refused, the run does not finish
+    within ``timeout_s`` (the run is then stopped) or it finishes other than completed.
+    """
+    t0 = time.monotonic()
+    staged = stage_app(app_dir, run_config, run_dir / "flower_app")
+    overrides = run_dir / "run_config.toml"
+    overrides.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
+    args = ["run", str(staged), connection, "--run-config", str(overrides), "--format", "json"]
+    started = _json_out(_flwr(args, flwr_home, 120.0), "flwr run")
+    if not started.get("success"):
+        raise TransportError(
+            f"the SuperLink refused the run: {started.get('error-message', started)}. "
+            "Fix: check that the SuperLink is running and the run config keys are valid."
+        )
+    run_id = int(started["run-id"])
+    log_path = run_dir / "logs" / f"serverapp-{run_id}.log"
+    info = _follow(run_id, flwr_home, connection, log_path, t0 + timeout_s)
+    status = str(info.get("status", "unknown"))
+    details = str(info.get("status-details", ""))
+    run = FlowerRun(run_id, status, details, time.monotonic() - t0, log_path, info)
+    if status != "finished:completed":
+        raise TransportError(
+            f"Flower run {run_id} ended as {status!r}: {details}\n{log_tail(log_path, 60)}"
+        )
+    return run
+
+
+def _follow(
+    run_id: int, flwr_home: Path, connection: str, log_path: Path, deadline: float
+) -> dict[str, Any]:
+    """Stream the run's log to ``log_path`` until it finishes; return ``flwr ls`` info."""
+    env = {**base_env(), "FLWR_HOME": str(flwr_home)}
+    argv = [executable("flwr"), "log", str(run_id), connection, "--stream"]
+    with log_path.open("ab") as log_file:
+        streamer = subprocess.Popen(
+            argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        try:
+            streamer.wait(timeout=max(deadline - time.monotonic(), 1.0))
+        except subprocess.TimeoutExpired:
+            pass
+        finally:  # also on Ctrl-C / SIGTERM: never leave the log streamer behind
+            if streamer.poll() is None:
+                streamer.kill()
+                streamer.wait()
+    while True:  # the stream ends when the run finishes; confirm with the Control API
+        ls_args = ["ls", connection, "--run-id", str(run_id), "--format", "json"]
+        runs = _json_out(_flwr(ls_args, flwr_home, 60.0), "flwr ls").get("runs") or [{}]
+        info = dict(runs[0])
+        if str(info.get("status", "")).startswith("finished"):
+            return info
+        if time.monotonic() > deadline:
+            _flwr(["stop", str(run_id), connection], flwr_home, 60.0)
+            raise TransportError(
+                f"Flower run {run_id} did not finish before the deadline (status "
+                f"{info.get('status')!r}); it was stopped.\n{log_tail(log_path, 60)}"
+            )
+        time.sleep(1.0)

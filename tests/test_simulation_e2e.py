@@ -1,0 +1,102 @@
+"""End to end on real processes: Prefect server, SuperLink, 3 SuperNodes, 3 Spark site agents.
+
+``fedrwe simulate``'s code path runs a small study; the federated numbers must equal
+statsmodels on the pooled rows, Prefect must list the flow run with one task run per
+round, and no process may be left behind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+from rich.console import Console
+from statsmodels.duration.hazard_regression import PHReg
+
+from flows.simulate import SimulationSettings, run_simulation
+
+RELATIVE_TOLERANCE = 1e-8
+PROTOCOL = Path(__file__).parents[1] / "studies" / "ketamine_cud.yaml"
+
+
+def _fedrwe_processes() -> set[int]:
+    names = ("flower-superlink", "flower-supernode", "flower-superexec", "site_agent.service", "flwr-")
+    found = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if any(name in cmdline for name in names):
+            found.add(proc.info["pid"])
+    return found
+
+
+@pytest.fixture(scope="module")
+def simulation(tmp_path_factory: pytest.TempPathFactory, prefect_api_url: str) -> dict[str, Any]:
+    before = _fedrwe_processes()
+    out = tmp_path_factory.mktemp("sim")
+    settings = SimulationSettings(
+        out=out, sites=3, patients=9_000, seed=5, protocol=PROTOCOL, prefect_api_url=prefect_api_url
+    )
+    results = run_simulation(settings, console=Console(quiet=True))
+    return {"out": out, "results": results, "leftover": _fedrwe_processes() - before}
+
+
+@pytest.mark.integration
+def test_federated_numbers_equal_statsmodels_on_the_pooled_rows(simulation: dict[str, Any]) -> None:
+    out = simulation["out"]
+    results = json.loads((out / "results.json").read_text())
+    crude = results["analyses"]["crude"]
+    table = pq.read_table(out / "sim" / "pooled_analysis_dataset.parquet")
+    assert table.schema.metadata[b"fedrwe.simulation_only"] == b"true"
+    pooled = table.to_pandas()
+    for arm, treatment in (("exposed", 1), ("comparator", 0)):
+        rows = pooled[pooled.treatment == treatment]
+        assert crude[f"n_{arm}"] == len(rows)
+        assert crude[f"events_{arm}"] == int(rows.event.sum())
+        assert crude[f"person_days_{arm}"] == int(rows.time.sum())
+    fit = PHReg(
+        pooled.time.to_numpy(float), pooled[["treatment"]].to_numpy(float),
+        status=pooled.event.to_numpy(int), ties="breslow", strata=pooled.site_id.to_numpy(),
+    ).fit()
+    assert crude["log_hr"] == pytest.approx(fit.params[0], rel=RELATIVE_TOLERANCE)
+    assert crude["se_log_hr"] == pytest.approx(fit.bse[0], rel=RELATIVE_TOLERANCE)
+    assert [s["site_id"] for s in results["sites"]] == ["site_01", "site_02", "site_03"]
+    assert results["protocol_sha256"] and results["software"]["flwr"] == "1.42.0"
+
+
+@pytest.mark.integration
+def test_outputs_are_written(simulation: dict[str, Any]) -> None:
+    out = simulation["out"]
+    report = (out / "report.html").read_text()
+    assert "Crude hazard ratio" in report and "Planted truth" in report
+    assert json.loads((out / "truth.json").read_text())["hr_conditional"] == pytest.approx(1.98)
+    rounds = simulation["results"]["rounds"]
+    assert rounds[0]["name"] == "1-summary"
+    assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in rounds)
+
+
+@pytest.mark.integration
+def test_prefect_lists_the_flow_run_with_one_task_run_per_round(
+    simulation: dict[str, Any], prefect_api_url: str
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api_url}), get_client(sync_client=True) as client:
+        flow_runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["fedrwe-study"])))
+        assert len(flow_runs) == 1
+        assert flow_runs[0].state is not None and flow_runs[0].state.is_completed()
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_runs[0].id]))
+        )
+    names = sorted(run.name for run in task_runs)
+    assert names == sorted(r["name"] for r in simulation["results"]["rounds"])
+
+
+@pytest.mark.integration
+def test_no_process_is_left_running(simulation: dict[str, Any]) -> None:
+    assert simulation["leftover"] == set()
