@@ -17,6 +17,7 @@ its SE are exact to O(step^3) and O(step^2), far below 1e-8, one exchange earlie
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ class StudyPlan:
     """Rounds and central computations of a study (for now: counts and the crude Cox HR)."""
 
     protocol: StudyProtocol
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     tolerance: float = 1e-6
     max_newton_rounds: int = 25
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -72,6 +74,7 @@ class StudyPlan:
     def _request(self, name: str, tasks: dict[str, dict[str, Any]]) -> RoundRequest:
         return RoundRequest(
             study_id=self.protocol.study_id,
+            run_id=self.run_id,
             round_name=f"{self._round + 1}-{name}",
             round_index=self._round + 1,
             protocol=self.protocol.model_dump(mode="json"),

@@ -36,6 +36,7 @@ def build_results(
         "study_id": plan.protocol.study_id,
         "title": plan.protocol.title,
         "protocol_sha256": plan.protocol.sha256(),
+        "run_id": plan.run_id,
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "sites": [plan.sites[site_id] for site_id in sorted(plan.sites)],
         "analyses": plan.analyses(),

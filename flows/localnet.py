@@ -14,7 +14,7 @@ Every process logs to ``<run_dir>/logs/<name>.log``; each start-up time is kept 
 ``flower-superexec`` in a session of its own, so killing process groups alone would
 leave it running.
 
-``submit_run`` submits the Flower app in ``deploy/flower_app`` with a run config,
+``LocalNetwork.submit_run`` submits the Flower app (see ``flows.flower_runs``) with a run config,
 follows it to the end and raises ``TransportError`` with the ServerApp's log tail if
 the run failed (``flwr run`` itself exits 0 even then).
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import json
 import os
 import re
 import shutil
@@ -34,23 +33,21 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 import psutil
-import tomli_w
 
 from shared.errors import TransportError
 
+if TYPE_CHECKING:
+    from flows.flower_runs import FlowerRun
+
 HOST = "127.0.0.1"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_APP_DIR = REPO_ROOT / "deploy" / "flower_app"
-CONNECTION_NAME = "fedrwe-local"
 SUPEREXEC_POLL_INTERVAL_S = "0.05"
 STOP_GRACE_S = 5.0
 SUPERNODE_READY = re.compile(r"SuperNode ID: (\d+)")  # logged once registered
@@ -91,18 +88,6 @@ class ManagedProcess:
     log_path: Path
     started_at: float
     ready_seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class FlowerRun:
-    """A finished Flower run: its id, final status and where its ServerApp log is."""
-
-    run_id: int
-    status: str
-    details: str
-    seconds: float
-    log_path: Path
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- ports and logs
@@ -472,15 +457,9 @@ class LocalNetwork:
         self._spawn(f"{site.site_id}-supernode", sn_argv, env)
 
     def _write_cli_config(self) -> None:
-        home = self.run_dir / "flwr_home" / "cli"
-        home.mkdir(parents=True, exist_ok=True)
-        config = {
-            "superlink": {
-                "default": CONNECTION_NAME,
-                CONNECTION_NAME: {"address": self.superlink_address, "insecure": True},
-            }
-        }
-        (home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+        from flows.flower_runs import write_cli_config
+
+        write_cli_config(self.run_dir / "flwr_home" / "cli", self.superlink_address)
 
     # -- readiness
     def _check_alive(self, name: str) -> None:
@@ -540,28 +519,21 @@ class LocalNetwork:
         return found
 
     # -- runs
-    def submit_run(
-        self,
-        run_config: RunConfig,
-        *,
-        app_dir: Path = DEFAULT_APP_DIR,
-        timeout_s: float = 900.0,
-    ) -> FlowerRun:
-        """Submit the Flower app with ``run_config`` and follow it to the end.
+    def submit_run(self, run_config: RunConfig, *, timeout_s: float = 900.0) -> FlowerRun:
+        """Submit the fedrwe Flower app with ``run_config`` and follow it to the end.
 
         ``prefect-api-url`` defaults to this network's Prefect server and ``min-nodes``
         to the number of sites. Raises ``TransportError`` if the run failed.
         """
+        from flows.flower_runs import submit_run
+
         config: dict[str, bool | int | float | str] = {
             "prefect-api-url": self.prefect_api_url,
             "min-nodes": len(self.sites),
             **run_config,
         }
         return submit_run(
-            config,
-            flwr_home=self.run_dir / "flwr_home" / "cli",
-            run_dir=self.run_dir,
-            app_dir=app_dir,
+            config, flwr_home=self.run_dir / "flwr_home" / "cli", run_dir=self.run_dir,
             timeout_s=timeout_s,
         )
 
@@ -615,122 +587,3 @@ def _check_external_prefect(api_url: str) -> None:
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     """Turn SIGTERM into an exception so ``with LocalNetwork(...)`` cleans up."""
     raise SystemExit(128 + signum)
-
-
-# ---------------------------------------------------------------- submitting runs
-
-
-def _flwr(args: Sequence[str], flwr_home: Path, timeout_s: float) -> str:
-    """Run a ``flwr`` CLI command against ``flwr_home``; return its stdout."""
-    env = {**base_env(), "FLWR_HOME": str(flwr_home)}
-    try:
-        done = subprocess.run(
-            [executable("flwr"), *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as err:
-        raise TransportError(f"`flwr {' '.join(args)}` did not finish in {timeout_s:g} s") from err
-    return done.stdout
-
-
-def _json_out(stdout: str, command: str) -> dict[str, Any]:
-    start = stdout.find("{")
-    try:
-        return dict(json.loads(stdout[start:]))
-    except (ValueError, TypeError) as err:
-        raise TransportError(f"`{command}` printed no JSON: {stdout[-2000:]!r}") from err
-
-
-def stage_app(app_dir: Path, run_config: RunConfig, dest: Path) -> Path:
-    """Copy the Flower app to ``dest`` and declare every run-config key it lacks.
-
-    The SuperLink rejects override keys that ``[tool.flwr.app.config]`` does not
-    declare; declaring them (with the given value as default) lets callers pass any
-    key without editing the app.
-    """
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(app_dir, dest, ignore=shutil.ignore_patterns("__pycache__", "*.fab"))
-    pyproject = dest / "pyproject.toml"
-    data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-    declared = data["tool"]["flwr"]["app"].setdefault("config", {})
-    for key, value in run_config.items():
-        declared.setdefault(key, value)
-    pyproject.write_text(tomli_w.dumps(data), encoding="utf-8")
-    return dest
-
-
-def submit_run(
-    run_config: RunConfig,
-    *,
-    flwr_home: Path,
-    run_dir: Path,
-    app_dir: Path = DEFAULT_APP_DIR,
-    connection: str = CONNECTION_NAME,
-    timeout_s: float = 900.0,
-) -> FlowerRun:
-    """Submit a Flower run, stream its ServerApp log to a file, and check its status.
-
-    ``flwr_home`` holds the CLI's ``config.toml`` naming the SuperLink ``connection``.
-    Raises ``TransportError`` when the submission is refused, the run does not finish
-    within ``timeout_s`` (the run is then stopped) or it finishes other than completed.
-    """
-    t0 = time.monotonic()
-    staged = stage_app(app_dir, run_config, run_dir / "flower_app")
-    overrides = run_dir / "run_config.toml"
-    overrides.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
-    args = ["run", str(staged), connection, "--run-config", str(overrides), "--format", "json"]
-    started = _json_out(_flwr(args, flwr_home, 120.0), "flwr run")
-    if not started.get("success"):
-        raise TransportError(
-            f"the SuperLink refused the run: {started.get('error-message', started)}. "
-            "Fix: check that the SuperLink is running and the run config keys are valid."
-        )
-    run_id = int(started["run-id"])
-    log_path = run_dir / "logs" / f"serverapp-{run_id}.log"
-    info = _follow(run_id, flwr_home, connection, log_path, t0 + timeout_s)
-    status = str(info.get("status", "unknown"))
-    details = str(info.get("status-details", ""))
-    run = FlowerRun(run_id, status, details, time.monotonic() - t0, log_path, info)
-    if status != "finished:completed":
-        raise TransportError(
-            f"Flower run {run_id} ended as {status!r}: {details}\n{log_tail(log_path, 60)}"
-        )
-    return run
-
-
-def _follow(
-    run_id: int, flwr_home: Path, connection: str, log_path: Path, deadline: float
-) -> dict[str, Any]:
-    """Stream the run's log to ``log_path`` until it finishes; return ``flwr ls`` info."""
-    env = {**base_env(), "FLWR_HOME": str(flwr_home)}
-    argv = [executable("flwr"), "log", str(run_id), connection, "--stream"]
-    with log_path.open("ab") as log_file:
-        streamer = subprocess.Popen(
-            argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        try:
-            streamer.wait(timeout=max(deadline - time.monotonic(), 1.0))
-        except subprocess.TimeoutExpired:
-            pass
-        finally:  # also on Ctrl-C / SIGTERM: never leave the log streamer behind
-            if streamer.poll() is None:
-                streamer.kill()
-                streamer.wait()
-    while True:  # the stream ends when the run finishes; confirm with the Control API
-        ls_args = ["ls", connection, "--run-id", str(run_id), "--format", "json"]
-        runs = _json_out(_flwr(ls_args, flwr_home, 60.0), "flwr ls").get("runs") or [{}]
-        info = dict(runs[0])
-        if str(info.get("status", "")).startswith("finished"):
-            return info
-        if time.monotonic() > deadline:
-            _flwr(["stop", str(run_id), connection], flwr_home, 60.0)
-            raise TransportError(
-                f"Flower run {run_id} did not finish before the deadline (status "
-                f"{info.get('status')!r}); it was stopped.\n{log_tail(log_path, 60)}"
-            )
-        time.sleep(1.0)

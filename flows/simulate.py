@@ -24,7 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.localnet import LocalNetwork, SiteSpec, free_port
-from shared.errors import DataError, FedRWEError, TransportError
+from flows.submit import run_and_explain, study_run_config
+from shared.errors import DataError
 from shared.protocol.model import StudyProtocol, load_protocol
 from shared.synthetic import generate_network
 
@@ -83,6 +84,21 @@ def write_site_settings(site_id: str, lake: Path, workdir: Path, port: int, mast
     return path
 
 
+def simulated_sites(lakes: Path, sites_dir: Path, master: str) -> tuple[list[SiteSpec], list[Path]]:
+    """Settings, a service command and a fresh workdir for every generated site."""
+    specs, workdirs = [], []
+    for site_dir in sorted(lakes.iterdir()):
+        workdir = sites_dir / site_dir.name / "work"
+        if workdir.exists():
+            shutil.rmtree(workdir)
+        port = free_port()
+        config = write_site_settings(site_dir.name, site_dir / "lake", workdir, port, master)
+        argv = [sys.executable, "-m", "site_agent.service", "--config", str(config)]
+        specs.append(SiteSpec(site_id=site_dir.name, service_argv=argv, service_port=port))
+        workdirs.append(workdir)
+    return specs, workdirs
+
+
 def write_pooled_dataset(protocol: StudyProtocol, site_workdirs: list[Path], path: Path) -> int:
     """Stack every site's analysis rows into one Parquet file, marked simulation-only."""
     columns = ["site_id", "person_id", "treatment", "time", "event", *protocol.covariate_columns()]
@@ -123,16 +139,7 @@ def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, 
     shutil.copyfile(data_dir / "truth.json", out / "truth.json")
     timings["generate_data_s"] = round(time.perf_counter() - started, 2)
 
-    specs, workdirs = [], []
-    for site_dir in sorted((data_dir / "sites").iterdir()):
-        workdir = out / "sites" / site_dir.name / "work"
-        if workdir.exists():
-            shutil.rmtree(workdir)
-        port = free_port()
-        config = write_site_settings(site_dir.name, site_dir / "lake", workdir, port, settings.spark_master)
-        argv = [sys.executable, "-m", "site_agent.service", "--config", str(config)]
-        specs.append(SiteSpec(site_id=site_dir.name, service_argv=argv, service_port=port))
-        workdirs.append(workdir)
+    specs, workdirs = simulated_sites(data_dir / "sites", out / "sites", settings.spark_master)
 
     console.print("[bold]2/4[/] starting Prefect server, SuperLink, and a site agent + SuperNode per site")
     t_start = time.perf_counter()
@@ -142,22 +149,9 @@ def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, 
         console.print(f"    Prefect UI: {network.prefect_api_url.removesuffix('/api')}")
         console.print(f"[bold]3/4[/] running {protocol.study_id} over Flower")
         t_run = time.perf_counter()
-        failure = out / "error.txt"
-        failure.unlink(missing_ok=True)
+        run_config = study_run_config(settings.protocol, out, **{"truth-path": str(out / "truth.json")})
         with PeakMemory(network) as memory:
-            try:
-                run = network.submit_run({
-                    "protocol-yaml": settings.protocol.read_text(encoding="utf-8"),
-                    "out-dir": str(out),
-                    "truth-path": str(out / "truth.json"),
-                })
-            except TransportError as error:
-                if failure.exists():  # the study itself failed: show its one clear reason
-                    raise FedRWEError(
-                        f"the study failed: {failure.read_text(encoding='utf-8').strip()} "
-                        f"(logs: {out / 'run' / 'logs'})"
-                    ) from error
-                raise
+            run = run_and_explain(network.submit_run, run_config, out, out / "run" / "logs")
         timings["study_run_s"] = round(time.perf_counter() - t_run, 2)
         timings["flower_run_id"] = run.run_id
     timings["peak_rss_bytes"] = {"per_process": memory.per_process, "total": memory.total}

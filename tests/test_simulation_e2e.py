@@ -64,14 +64,16 @@ def test_federated_numbers_equal_statsmodels_on_the_pooled_rows(simulation: dict
     assert crude["log_hr"] == pytest.approx(fit.params[0], rel=RELATIVE_TOLERANCE)
     assert crude["se_log_hr"] == pytest.approx(fit.bse[0], rel=RELATIVE_TOLERANCE)
     assert [s["site_id"] for s in results["sites"]] == ["site_01", "site_02", "site_03"]
-    assert results["protocol_sha256"] and results["software"]["flwr"] == "1.42.0"
+    assert results["protocol_sha256"]
+    assert results["software"]["flwr"] == "1.42.0"
 
 
 @pytest.mark.integration
 def test_outputs_are_written(simulation: dict[str, Any]) -> None:
     out = simulation["out"]
     report = (out / "report.html").read_text()
-    assert "Crude hazard ratio" in report and "Planted truth" in report
+    assert "Crude hazard ratio" in report
+    assert "Planted truth" in report
     assert json.loads((out / "truth.json").read_text())["hr_conditional"] == pytest.approx(1.98)
     rounds = simulation["results"]["rounds"]
     assert rounds[0]["name"] == "1-summary"
@@ -83,13 +85,19 @@ def test_prefect_lists_the_flow_run_with_one_task_run_per_round(
     simulation: dict[str, Any], prefect_api_url: str
 ) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_api_url}), get_client(sync_client=True) as client:
         flow_runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["fedrwe-study"])))
         assert len(flow_runs) == 1
-        assert flow_runs[0].state is not None and flow_runs[0].state.is_completed()
+        assert flow_runs[0].state is not None
+        assert flow_runs[0].state.is_completed()
         task_runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_runs[0].id]))
         )

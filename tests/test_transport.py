@@ -31,7 +31,8 @@ from coordinator.flower_server import (
     load_entrypoint,
     pack,
 )
-from flows.localnet import LocalNetwork, SiteSpec, claim_port, stage_app
+from flows.flower_runs import stage_app
+from flows.localnet import LocalNetwork, SiteSpec, claim_port
 from shared.errors import TransportError
 from site_agent import flower_client
 
@@ -318,7 +319,7 @@ def test_busy_port_is_refused_with_its_number_and_the_fix() -> None:
 
 
 def test_stage_app_declares_extra_run_config_keys(tmp_path: Path) -> None:
-    from flows.localnet import DEFAULT_APP_DIR
+    from flows.flower_runs import DEFAULT_APP_DIR
 
     staged = stage_app(DEFAULT_APP_DIR, {"out-dir": "/x", "ping-timeout-s": 5.0}, tmp_path / "a")
     config = tomllib.loads((staged / "pyproject.toml").read_text())["tool"]["flwr"]["app"]

@@ -29,6 +29,10 @@ class RoundRequest(_Message):
     schema_version: Literal[1] = MESSAGE_SCHEMA_VERSION
     kind: Literal["study_round"] = "study_round"
     study_id: str
+    run_id: str = Field(
+        pattern=r"^[0-9a-f]{32}$",
+        description="One study run; a retried round repeats it, a new run of the study does not.",
+    )
     round_name: str = Field(description="e.g. '1-summary', '2-cox-newton'.")
     round_index: int = Field(ge=1)
     protocol: dict[str, Any] = Field(description="The full protocol, as JSON.")

@@ -1,0 +1,169 @@
+"""Submitting a Flower run of the fedrwe app and following it to the end.
+
+``flwr run`` exits 0 even when the SuperLink refuses a run or the run fails, so
+:func:`submit_run` reads its JSON answer, streams the ServerApp's log to a file and asks
+the Control API (``flwr ls``) for the final status, raising ``TransportError`` with the
+ServerApp's log tail unless the run completed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from flows.localnet import base_env, executable, log_tail
+from shared.errors import TransportError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_APP_DIR = REPO_ROOT / "deploy" / "flower_app"
+CONNECTION_NAME = "fedrwe-local"
+RunConfig = Mapping[str, bool | int | float | str]
+
+
+@dataclass(frozen=True)
+class FlowerRun:
+    """A finished Flower run: its id, final status and where its ServerApp log is."""
+
+    run_id: int
+    status: str
+    details: str
+    seconds: float
+    log_path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def write_cli_config(flwr_home: Path, superlink_address: str, connection: str = CONNECTION_NAME) -> None:
+    """The ``flwr`` CLI's config naming one SuperLink connection (insecure for now)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    config = {
+        "superlink": {
+            "default": connection,
+            connection: {"address": superlink_address, "insecure": True},
+        }
+    }
+    (flwr_home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+
+
+def _flwr(args: Sequence[str], flwr_home: Path, timeout_s: float) -> str:
+    """Run a ``flwr`` CLI command against ``flwr_home``; return its stdout."""
+    env = {**base_env(), "FLWR_HOME": str(flwr_home)}
+    try:
+        done = subprocess.run(
+            [executable("flwr"), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise TransportError(f"`flwr {' '.join(args)}` did not finish in {timeout_s:g} s") from err
+    return done.stdout
+
+
+def _json_out(stdout: str, command: str) -> dict[str, Any]:
+    start = stdout.find("{")
+    try:
+        return dict(json.loads(stdout[start:]))
+    except (ValueError, TypeError) as err:
+        raise TransportError(f"`{command}` printed no JSON: {stdout[-2000:]!r}") from err
+
+
+def stage_app(app_dir: Path, run_config: RunConfig, dest: Path) -> Path:
+    """Copy the Flower app to ``dest`` and declare every run-config key it lacks.
+
+    The SuperLink rejects override keys that ``[tool.flwr.app.config]`` does not
+    declare; declaring them (with the given value as default) lets callers pass any
+    key without editing the app.
+    """
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(app_dir, dest, ignore=shutil.ignore_patterns("__pycache__", "*.fab"))
+    pyproject = dest / "pyproject.toml"
+    data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    declared = data["tool"]["flwr"]["app"].setdefault("config", {})
+    for key, value in run_config.items():
+        declared.setdefault(key, value)
+    pyproject.write_text(tomli_w.dumps(data), encoding="utf-8")
+    return dest
+
+
+def submit_run(
+    run_config: RunConfig,
+    *,
+    flwr_home: Path,
+    run_dir: Path,
+    app_dir: Path = DEFAULT_APP_DIR,
+    connection: str = CONNECTION_NAME,
+    timeout_s: float = 900.0,
+) -> FlowerRun:
+    """Submit a Flower run, stream its ServerApp log to a file, and check its status.
+
+    ``flwr_home`` holds the CLI's ``config.toml`` naming the SuperLink ``connection``.
+    Raises ``TransportError`` when the submission is refused, the run does not finish
+    within ``timeout_s`` (the run is then stopped) or it finishes other than completed.
+    """
+    t0 = time.monotonic()
+    staged = stage_app(app_dir, run_config, run_dir / "flower_app")
+    overrides = run_dir / "run_config.toml"
+    overrides.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
+    args = ["run", str(staged), connection, "--run-config", str(overrides), "--format", "json"]
+    started = _json_out(_flwr(args, flwr_home, 120.0), "flwr run")
+    if not started.get("success"):
+        raise TransportError(
+            f"the SuperLink refused the run: {started.get('error-message', started)}. "
+            "Fix: check that the SuperLink is running and the run config keys are valid."
+        )
+    run_id = int(started["run-id"])
+    log_path = run_dir / "logs" / f"serverapp-{run_id}.log"
+    info = _follow(run_id, flwr_home, connection, log_path, t0 + timeout_s)
+    status = str(info.get("status", "unknown"))
+    details = str(info.get("status-details", ""))
+    run = FlowerRun(run_id, status, details, time.monotonic() - t0, log_path, info)
+    if status != "finished:completed":
+        raise TransportError(
+            f"Flower run {run_id} ended as {status!r}: {details}\n{log_tail(log_path, 60)}"
+        )
+    return run
+
+
+def _follow(
+    run_id: int, flwr_home: Path, connection: str, log_path: Path, deadline: float
+) -> dict[str, Any]:
+    """Stream the run's log to ``log_path`` until it finishes; return ``flwr ls`` info."""
+    env = {**base_env(), "FLWR_HOME": str(flwr_home)}
+    argv = [executable("flwr"), "log", str(run_id), connection, "--stream"]
+    with log_path.open("ab") as log_file:
+        streamer = subprocess.Popen(
+            argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        try:
+            streamer.wait(timeout=max(deadline - time.monotonic(), 1.0))
+        except subprocess.TimeoutExpired:
+            pass
+        finally:  # also on Ctrl-C / SIGTERM: never leave the log streamer behind
+            if streamer.poll() is None:
+                streamer.kill()
+                streamer.wait()
+    while True:  # the stream ends when the run finishes; confirm with the Control API
+        ls_args = ["ls", connection, "--run-id", str(run_id), "--format", "json"]
+        runs = _json_out(_flwr(ls_args, flwr_home, 60.0), "flwr ls").get("runs") or [{}]
+        info = dict(runs[0])
+        if str(info.get("status", "")).startswith("finished"):
+            return info
+        if time.monotonic() > deadline:
+            _flwr(["stop", str(run_id), connection], flwr_home, 60.0)
+            raise TransportError(
+                f"Flower run {run_id} did not finish before the deadline (status "
+                f"{info.get('status')!r}); it was stopped.\n{log_tail(log_path, 60)}"
+            )
+        time.sleep(1.0)
