@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import tomli_w
 from deltalake import DeltaTable
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
@@ -42,6 +43,7 @@ class SimulationSettings(BaseModel):
     protocol: Path = Field(default=Path("studies/ketamine_cud.yaml"), description="Study protocol.")
     prefect_api_url: str | None = Field(default=None, description="Existing Prefect server, if any.")
     spark_master: str = Field(default="local[2]", description="Spark master of every simulated site.")
+    spark_driver_memory: str = Field(default="1g", description="Driver (JVM heap) memory per site.")
 
 
 class PeakMemory:
@@ -71,20 +73,25 @@ class PeakMemory:
             self._stop.wait(1.0)
 
 
-def write_site_settings(site_id: str, lake: Path, workdir: Path, port: int, master: str) -> Path:
+def write_site_settings(
+    site_id: str, lake: Path, workdir: Path, port: int, master: str, driver_memory: str
+) -> Path:
     """A site's settings file, as a hospital would write it."""
     path = workdir.parent / "site.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        f'site_id = "{site_id}"\nlake = "{lake}"\nworkdir = "{workdir}"\n'
-        f'host = "127.0.0.1"\nport = {port}\n\n[spark]\nmaster = "{master}"\n\n'
-        f"[policy]\nmin_cell_count = 10\n",
-        encoding="utf-8",
-    )
+    settings = {
+        "site_id": site_id, "lake": str(lake), "workdir": str(workdir),
+        "host": "127.0.0.1", "port": port,
+        "spark": {"master": master, "driver_memory": driver_memory},
+        "policy": {"min_cell_count": 10},
+    }
+    path.write_text(tomli_w.dumps(settings), encoding="utf-8")
     return path
 
 
-def simulated_sites(lakes: Path, sites_dir: Path, master: str) -> tuple[list[SiteSpec], list[Path]]:
+def simulated_sites(
+    lakes: Path, sites_dir: Path, master: str, driver_memory: str = "1g"
+) -> tuple[list[SiteSpec], list[Path]]:
     """Settings, a service command and a fresh workdir for every generated site."""
     specs, workdirs = [], []
     for site_dir in sorted(lakes.iterdir()):
@@ -92,7 +99,7 @@ def simulated_sites(lakes: Path, sites_dir: Path, master: str) -> tuple[list[Sit
         if workdir.exists():
             shutil.rmtree(workdir)
         port = free_port()
-        config = write_site_settings(site_dir.name, site_dir / "lake", workdir, port, master)
+        config = write_site_settings(site_dir.name, site_dir / "lake", workdir, port, master, driver_memory)
         argv = [sys.executable, "-m", "site_agent.service", "--config", str(config)]
         specs.append(SiteSpec(site_id=site_dir.name, service_argv=argv, service_port=port))
         workdirs.append(workdir)
@@ -139,7 +146,9 @@ def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, 
     shutil.copyfile(data_dir / "truth.json", out / "truth.json")
     timings["generate_data_s"] = round(time.perf_counter() - started, 2)
 
-    specs, workdirs = simulated_sites(data_dir / "sites", out / "sites", settings.spark_master)
+    specs, workdirs = simulated_sites(
+        data_dir / "sites", out / "sites", settings.spark_master, settings.spark_driver_memory
+    )
 
     console.print("[bold]2/4[/] starting Prefect server, SuperLink, and a site agent + SuperNode per site")
     t_start = time.perf_counter()

@@ -98,3 +98,18 @@ def test_a_tampered_protocol_is_refused(open_agent: SiteAgent) -> None:
     reply = decode_reply(agent.handle(json.dumps(request).encode()))
     assert reply.status == "error"
     assert "hashes to" in (reply.error or "")
+
+
+def test_a_port_in_use_is_a_clear_error(open_agent: SiteAgent) -> None:
+    import socket
+
+    from shared.errors import TransportError
+    from site_agent.service import bind
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        settings = open_agent.settings.model_copy(update={"port": port})
+        with pytest.raises(TransportError, match=rf"port {port} on 127.0.0.1 is already in use.*Fix"):
+            bind(settings, open_agent)
