@@ -24,6 +24,7 @@ test-slow: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 setup: java $(STAMP)
 

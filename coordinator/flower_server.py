@@ -31,9 +31,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from shared.errors import TransportError
+from shared.protocol.wire import PAYLOAD_KEY, RECORD_NAME
 
-RECORD_NAME = "fedrwe"
-PAYLOAD_KEY = "payload"
 DEFAULT_ENTRYPOINT = "flows.study:run_study"
 DEFAULT_POLL_INTERVAL_S = 0.05
 DEFAULT_NODE_WAIT_S = 60.0

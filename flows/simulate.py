@@ -128,7 +128,7 @@ def write_pooled_dataset(protocol: StudyProtocol, site_workdirs: list[Path], pat
     pooled = pooled.replace_schema_metadata({**(pooled.schema.metadata or {}), **metadata})
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pooled, path)
-    return pooled.num_rows
+    return int(pooled.num_rows)
 
 
 def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, Any]:
@@ -168,7 +168,7 @@ def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, 
     console.print("[bold]4/4[/] writing the pooled dataset (simulation only) and the summary")
     n_rows = write_pooled_dataset(protocol, workdirs, out / "sim" / "pooled_analysis_dataset.parquet")
     timings["total_s"] = round(time.perf_counter() - started, 2)
-    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    results: dict[str, Any] = json.loads((out / "results.json").read_text(encoding="utf-8"))
     truth = json.loads((out / "truth.json").read_text(encoding="utf-8"))
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
     _print_summary(console, results, truth, timings, out, n_rows)

@@ -17,7 +17,7 @@ from shared.errors import FedRWEError, ProtocolError, TransportError
 from shared.protocol.model import load_protocol
 
 
-def study_run_config(protocol: Path, out: Path, **extra: str | int | float) -> dict[str, Any]:
+def study_run_config(protocol: Path, out: Path, **extra: object) -> dict[str, Any]:
     """The run config of a study: the protocol text (validated here first) and the output dir."""
     load_protocol(protocol)  # fail fast, before any process is involved
     return {"protocol-yaml": protocol.read_text(encoding="utf-8"), "out-dir": str(out.resolve()), **extra}

@@ -25,8 +25,8 @@ import httpx
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-RECORD_NAME = "fedrwe"
-PAYLOAD_KEY = "payload"
+from shared.protocol.wire import PAYLOAD_KEY, RECORD_NAME
+
 ROUND_PATH = "/v1/round"
 DEFAULT_SERVICE_TIMEOUT_S = 600.0
 

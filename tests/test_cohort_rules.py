@@ -114,16 +114,28 @@ def test_analysis_rows_are_as_worked_out_by_hand(store: DatasetStore) -> None:
     assert rows[1]["site_id"] == "site_x"
 
 
-def test_dataset_is_reused_until_an_input_table_changes(store: DatasetStore, spark: SparkSession) -> None:
+def test_dataset_is_reused_until_an_input_table_changes(spark: SparkSession, tmp_path: Path) -> None:
+    hand_built_site().write(tmp_path / "lake")
+
+    def open_store() -> DatasetStore:
+        backend = DeltaBackend(spark, "site_x")
+        return DatasetStore(backend, OmopTables(backend, tmp_path / "lake", "site_x"), tmp_path / "work", "site_x")
+
+    store = open_store()
     first = store.get(PROTOCOL)
-    assert store.get(PROTOCOL) is first
-    # Reopen from the Delta cache: same version, not rebuilt.
-    backend = DeltaBackend(spark, "site_x")
-    lake = store.path(PROTOCOL.study_id).parents[2].parent / "lake"
-    reopened = DatasetStore(backend, OmopTables(backend, lake, "site_x"), store.path("x").parents[2], "site_x")
-    again = reopened.get(PROTOCOL)
-    assert not again.rebuilt
-    assert again.delta_version == first.delta_version
+    assert first.rebuilt
+    assert store.get(PROTOCOL) is first  # in memory within a study's rounds
+    reopened = open_store().get(PROTOCOL)  # after a restart: from the Delta cache
+    assert not reopened.rebuilt
+    assert reopened.delta_version == first.delta_version
+    site = hand_built_site()
+    site.death(2, "2016-07-01")  # person 2 now dies on day 30 instead of leaving on day 61
+    site.write(tmp_path / "lake")
+    changed = open_store().get(PROTOCOL)
+    assert changed.rebuilt
+    assert changed.delta_version == first.delta_version + 1
+    times = {r["person_id"]: r["time"] for r in changed.frame.collect()}
+    assert times[2] == 30
 
 
 def test_missing_table_names_site_and_table(spark: SparkSession, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import ProtocolError
 
-MESSAGE_SCHEMA_VERSION = 1
+MESSAGE_SCHEMA_VERSION: Literal[1] = 1
 
 
 class _Message(BaseModel):

@@ -147,7 +147,7 @@ class NewtonStep:
 def newton_step(beta: FloatArray, total: CoxDerivatives) -> NewtonStep:
     """Newton update ``beta - H^-1 g`` from derivatives summed over all sites."""
     try:
-        step = -np.linalg.solve(total.hessian, total.gradient)
+        step: FloatArray = -np.linalg.solve(total.hessian, total.gradient).astype(np.float64)
     except np.linalg.LinAlgError:
         raise ConvergenceError(
             "the Cox information matrix is singular: a covariate is constant or an arm has "
