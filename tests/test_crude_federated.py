@@ -12,12 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pytest
 from deltalake import DeltaTable
 from pyspark.sql import SparkSession
-from statsmodels.duration.hazard_regression import PHReg
 
 from coordinator.plan import StudyPlan
 from flows.study import decode_replies
@@ -26,9 +24,9 @@ from shared.synthetic import generate_network
 from site_agent.agent import SiteAgent
 from site_agent.settings import SiteSettings
 from tests.inprocess import InProcessTransport
+from tests.pooled_reference import assert_crude_equals_pooled
 
 PROTOCOL = load_protocol(Path(__file__).parents[1] / "studies" / "ketamine_cud.yaml")
-RELATIVE_TOLERANCE = 1e-8  # the skeleton's contract: estimates to 1e-8 relative
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +53,8 @@ def network(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> di
     return {"plan": plan, "pooled": pooled, "truth": truth, "agents": agents, "transport": transport}
 
 
-def test_counts_equal_the_pooled_dataset(network: dict[str, Any]) -> None:
-    crude = network["plan"].analyses()["crude"]
-    pooled = network["pooled"]
-    for arm, treatment in (("exposed", 1), ("comparator", 0)):
-        rows = pooled[pooled.treatment == treatment]
-        assert crude[f"n_{arm}"] == len(rows)
-        assert crude[f"events_{arm}"] == int(rows.event.sum())
-        assert crude[f"person_days_{arm}"] == int(rows.time.sum())
+def test_crude_hr_and_counts_equal_statsmodels_on_the_pooled_rows(network: dict[str, Any]) -> None:
+    assert_crude_equals_pooled(network["plan"].analyses()["crude"], network["pooled"])
 
 
 def test_cohort_counts_equal_the_generators_answer_key(network: dict[str, Any]) -> None:
@@ -77,18 +69,6 @@ def test_cohort_counts_equal_the_generators_answer_key(network: dict[str, Any]) 
         for rule in key["attrition"]:
             step = steps[rule["rule"]]
             assert (step["n_exposed"], step["n_comparator"]) == (rule["n_exposed"], rule["n_comparator"])
-
-
-def test_crude_hr_equals_statsmodels_phreg_on_pooled_rows(network: dict[str, Any]) -> None:
-    crude = network["plan"].analyses()["crude"]
-    pooled = network["pooled"]
-    fit = PHReg(
-        pooled.time.to_numpy(float), pooled[["treatment"]].to_numpy(float),
-        status=pooled.event.to_numpy(int), ties="breslow", strata=pooled.site_id.to_numpy(),
-    ).fit()
-    assert crude["log_hr"] == pytest.approx(fit.params[0], rel=RELATIVE_TOLERANCE)
-    assert crude["se_log_hr"] == pytest.approx(fit.bse[0], rel=RELATIVE_TOLERANCE)
-    assert crude["hr"] == pytest.approx(np.exp(fit.params[0]), rel=RELATIVE_TOLERANCE)
 
 
 def test_crude_hr_is_biased_by_the_planted_confounding(network: dict[str, Any]) -> None:
