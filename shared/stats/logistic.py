@@ -98,5 +98,5 @@ def logistic_covariance(total: LogisticDerivatives, l2: float = 0.0, intercept_i
     """Inverse of the (penalized) observed information at the fitted ``beta``."""
     penalty = np.full(total.hessian.shape[0], l2)
     penalty[intercept_index] = 0.0
-    covariance: FloatArray = np.linalg.inv(-(total.hessian - np.diag(penalty)))
+    covariance: FloatArray = np.linalg.inv(-(total.hessian - np.diag(penalty))).astype(np.float64)
     return covariance
