@@ -40,6 +40,7 @@ def build_results(
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "sites": [plan.sites[site_id] for site_id in sorted(plan.sites)],
         "analyses": plan.analyses(),
+        **({"propensity": propensity} if (propensity := plan.propensity()) is not None else {}),
         "rounds": rounds,
         "software": software_versions(),
         **(extra or {}),

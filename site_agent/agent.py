@@ -15,11 +15,13 @@ from pyspark.sql import SparkSession
 
 from shared.errors import DisclosureRefused, FedRWEError, ProtocolError
 from shared.protocol.messages import RoundReply, RoundRequest, decode_request, is_ping
-from shared.protocol.model import parse_protocol
+from shared.protocol.model import StudyProtocol, parse_protocol
 from shared.stats.cox import EventTable
 from site_agent.analyses.counts import arm_summary, attrition
 from site_agent.analyses.cox import crude_cox
+from site_agent.analyses.propensity import propensity
 from site_agent.analyses.release import Release
+from site_agent.analyses.rows import AnalysisRows, analysis_rows
 from site_agent.analyses.tables import event_table
 from site_agent.audit.log import AuditLog
 from site_agent.cohort.store import AnalysisDataset, DatasetStore
@@ -35,8 +37,17 @@ _MAX_CACHED_REPLIES = 256
 
 @dataclass
 class _StudyState:
+    protocol: StudyProtocol
     dataset: AnalysisDataset
     events: EventTable
+    _rows: AnalysisRows | None = None
+
+    @property
+    def rows(self) -> AnalysisRows:
+        """The rows as arrays, read from Spark on first use."""
+        if self._rows is None:
+            self._rows = analysis_rows(self.dataset.frame, self.protocol)
+        return self._rows
 
 
 class SiteAgent:
@@ -89,7 +100,10 @@ class SiteAgent:
             reply = self._failure("refused", request, str(refusal))
             decision = "refused"
         except FedRWEError as error:
-            reply = self._failure("error", request, str(error))
+            message = str(error)
+            if f"site {self.site_id!r}" not in message:
+                message = f"site {self.site_id!r}: {message}"
+            reply = self._failure("error", request, message)
             decision = "error"
         except Exception as error:  # a bug or an engine failure: say what, keep the site up
             log.exception("site %s: unexpected failure", self.site_id)
@@ -129,7 +143,7 @@ class SiteAgent:
         dataset = self._store.get(protocol)
         state = self._states.get(protocol.study_id)
         if state is None or state.dataset.key != dataset.key:
-            state = _StudyState(dataset, event_table(dataset.frame))
+            state = _StudyState(protocol, dataset, event_table(dataset.frame))
             self._states[protocol.study_id] = state
         return state
 
@@ -139,6 +153,7 @@ class SiteAgent:
             "attrition": lambda params: attrition(state.dataset.attrition),
             "arm_summary": lambda params: arm_summary(state.events),
             "crude_cox": lambda params: crude_cox(state.events, params),
+            "propensity": lambda params: propensity(state.rows, params),
             "provenance": lambda params: Release({
                 "input_versions": state.dataset.input_versions,
                 "dataset_version": state.dataset.delta_version,

@@ -29,3 +29,16 @@ def assert_crude_equals_pooled(crude: dict[str, Any], pooled: pd.DataFrame) -> N
     assert crude["log_hr"] == pytest.approx(fit.params[0], rel=RELATIVE_TOLERANCE)
     assert crude["se_log_hr"] == pytest.approx(fit.bse[0], rel=RELATIVE_TOLERANCE)
     assert crude["hr"] == pytest.approx(np.exp(fit.params[0]), rel=RELATIVE_TOLERANCE)
+
+
+def assert_propensity_equals_pooled(propensity: dict[str, Any], pooled: pd.DataFrame) -> None:
+    """Coefficients and SEs as statsmodels Logit on the pooled rows, named as its columns."""
+    import statsmodels.api as sm
+
+    names = list(propensity["coefficients"])
+    assert names[0] == "(intercept)"
+    design = np.column_stack([np.ones(len(pooled)), pooled[names[1:]].to_numpy(float)])
+    fit = sm.Logit(pooled.treatment.to_numpy(float), design).fit(disp=0, method="newton", tol=1e-14, maxiter=100)
+    np.testing.assert_allclose(list(propensity["coefficients"].values()), fit.params, rtol=RELATIVE_TOLERANCE)
+    np.testing.assert_allclose(list(propensity["standard_errors"].values()), fit.bse, rtol=RELATIVE_TOLERANCE)
+    assert propensity["n"] == len(pooled)

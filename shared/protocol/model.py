@@ -125,7 +125,16 @@ Covariate = Annotated[
 
 RACE_LEVELS: tuple[str, ...] = ("black", "asian", "other")  # white is the reference level
 
-AnalysisName = Literal["crude"]
+AnalysisName = Literal["crude", "propensity"]
+
+
+class PropensityModel(_Strict):
+    """The propensity score model: logistic regression of treatment on every covariate."""
+
+    l2: float = Field(
+        default=0.0, ge=0.0, le=1e6,
+        description="L2 penalty on the coefficients (not the intercept), applied centrally.",
+    )
 
 
 class StudyProtocol(_Strict):
@@ -143,6 +152,7 @@ class StudyProtocol(_Strict):
     time_at_risk: DayWindow = Field(description="Days after index at risk, e.g. 1..365.")
     covariate_window: DayWindow = Field(description="Days before index where covariates are measured.")
     covariates: list[Covariate] = Field(default_factory=list)
+    propensity: PropensityModel = PropensityModel()
     analyses: list[AnalysisName] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -168,6 +178,10 @@ class StudyProtocol(_Strict):
             else:
                 columns.append(cov.name)
         return columns
+
+    def propensity_columns(self) -> list[str]:
+        """Design-matrix columns of the propensity model, named as in the analysis dataset."""
+        return ["(intercept)", *self.covariate_columns()]
 
     def canonical_bytes(self) -> bytes:
         """The protocol as canonical JSON: the bytes that are hashed, signed and approved."""
