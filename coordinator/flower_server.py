@@ -18,7 +18,6 @@ Message layout (both directions), shared with ``site_agent.flower_client``:
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import time
@@ -31,7 +30,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from shared.errors import TransportError
-from shared.protocol.wire import PAYLOAD_KEY, RECORD_NAME
+from shared.protocol.wire import PAYLOAD_KEY, RECORD_NAME, error_reply
 
 DEFAULT_ENTRYPOINT = "flows.study:run_study"
 DEFAULT_POLL_INTERVAL_S = 0.05
@@ -87,8 +86,7 @@ def unpack(reply: Message, node_id: int) -> bytes:
 
 
 def _error_payload(node_id: int, error: str) -> bytes:
-    body = {"status": "error", "site_id": f"node-{node_id}", "error": error}
-    return json.dumps(body).encode("utf-8")
+    return error_reply(f"node-{node_id}", error)
 
 
 class FlowerTransport:

@@ -19,13 +19,11 @@ so the coordinator can name the site and the fix.
 
 from __future__ import annotations
 
-import json
-
 import httpx
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from shared.protocol.wire import PAYLOAD_KEY, RECORD_NAME
+from shared.protocol.wire import PAYLOAD_KEY, RECORD_NAME, error_reply
 
 ROUND_PATH = "/v1/round"
 DEFAULT_SERVICE_TIMEOUT_S = 600.0
@@ -34,8 +32,8 @@ app = ClientApp()
 
 
 def error_payload(site_id: str, error: str) -> bytes:
-    """Return the JSON error reply (UTF-8 bytes) for a round this site could not answer."""
-    return json.dumps({"status": "error", "site_id": site_id, "error": error}).encode("utf-8")
+    """Return the error reply (UTF-8 JSON) for a round this site could not answer."""
+    return error_reply(site_id, error)
 
 
 def request_bytes(message: Message) -> bytes:
