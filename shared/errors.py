@@ -45,7 +45,14 @@ class MissingTableError(DataError):
 
 
 class DisclosureRefused(FedRWEError):
-    """The site's disclosure guard refused to release a reply."""
+    """The site's disclosure guard refused to release a reply.
+
+    ``counts`` holds the values that were too small; they stay at the site.
+    """
+
+    def __init__(self, message: str, counts: dict[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.counts = dict(counts or {})
 
 
 class InsufficientSites(FedRWEError):

@@ -50,6 +50,15 @@ class _StudyState:
         return self._rows
 
 
+_ALWAYS_ALLOWED = frozenset({"provenance", "attrition", "arm_summary"})
+_TASKS_OF_ANALYSIS = {"crude": "crude_cox", "propensity": "propensity"}
+
+
+def allowed_tasks(protocol: StudyProtocol) -> frozenset[str]:
+    """The partial computations a protocol's analyses need; nothing else runs."""
+    return _ALWAYS_ALLOWED | {_TASKS_OF_ANALYSIS[name] for name in protocol.analyses}
+
+
 class SiteAgent:
     """One site: owns the SparkSession, the study datasets and the release log."""
 
@@ -86,6 +95,7 @@ class SiteAgent:
 
     def _answer(self, payload: bytes, digest: str) -> bytes:
         request: RoundRequest | None = None
+        withheld: dict[str, int] = {}
         try:
             if is_ping(payload):
                 return RoundReply(status="ok", site_id=self.site_id, results={"ping": "pong"}).to_bytes()
@@ -97,18 +107,18 @@ class SiteAgent:
             )
             decision = "released"
         except DisclosureRefused as refusal:
-            reply = self._failure("refused", request, str(refusal))
+            withheld = refusal.counts  # the small counts themselves stay in the site's log
+            reply = self._failure("refused", request, self._named(refusal))
             decision = "refused"
         except FedRWEError as error:
-            message = str(error)
-            if f"site {self.site_id!r}" not in message:
-                message = f"site {self.site_id!r}: {message}"
-            reply = self._failure("error", request, message)
+            reply = self._failure("error", request, self._named(error))
             decision = "error"
-        except Exception as error:  # a bug or an engine failure: say what, keep the site up
-            log.exception("site %s: unexpected failure", self.site_id)
+        except Exception:  # a bug or an engine failure: details stay in the site's log
+            log.exception("site %s: unexpected failure (ref %s)", self.site_id, digest[:12])
             reply = self._failure(
-                "error", request, f"site {self.site_id!r}: internal error {type(error).__name__}: {error}"
+                "error", request,
+                f"site {self.site_id!r}: internal error (ref {digest[:12]}); the details are in the "
+                f"site agent's log, which only the site can read. Fix: ask the site's IT to look it up.",
             )
             decision = "error"
         encoded = reply.to_bytes()
@@ -120,8 +130,14 @@ class SiteAgent:
             decision=decision,
             reply_sha256=hashlib.sha256(encoded).hexdigest(),
             reason=reply.error,
+            withheld=withheld,
         )
         return encoded
+
+    def _named(self, error: Exception) -> str:
+        """The error's message, starting with this site's name."""
+        message = str(error)
+        return message if f"site {self.site_id!r}" in message else f"site {self.site_id!r}: {message}"
 
     def _failure(self, status: str, request: RoundRequest | None, message: str) -> RoundReply:
         return RoundReply(
@@ -132,7 +148,8 @@ class SiteAgent:
             error=message,
         )
 
-    def _state(self, request: RoundRequest) -> _StudyState:
+    def _protocol(self, request: RoundRequest) -> StudyProtocol:
+        """The request's protocol, checked against its hash, its study id and its tasks."""
         protocol = parse_protocol(request.protocol, f"in request {request.round_name!r}")
         if protocol.sha256() != request.protocol_sha256:
             raise ProtocolError(
@@ -140,6 +157,22 @@ class SiteAgent:
                 f"{protocol.sha256()}, not the announced {request.protocol_sha256}. Fix: resend "
                 f"the study from an unmodified protocol."
             )
+        if protocol.study_id != request.study_id:
+            raise ProtocolError(
+                f"site {self.site_id!r}: request for study {request.study_id!r} carries the protocol "
+                f"of study {protocol.study_id!r}. Fix: resend the study from its own protocol."
+            )
+        allowed = allowed_tasks(protocol)
+        refused = sorted(set(request.tasks) - allowed)
+        if refused:
+            raise ProtocolError(
+                f"site {self.site_id!r}: task(s) {refused} are not part of study "
+                f"{protocol.study_id!r} (its analyses allow {sorted(allowed)}). Fix: add the "
+                f"analysis to the protocol, which the site must then approve again."
+            )
+        return protocol
+
+    def _state(self, protocol: StudyProtocol) -> _StudyState:
         dataset = self._store.get(protocol)
         state = self._states.get(protocol.study_id)
         if state is None or state.dataset.key != dataset.key:
@@ -148,12 +181,14 @@ class SiteAgent:
         return state
 
     def _compute(self, request: RoundRequest) -> dict[str, Release]:
-        state = self._state(request)
+        protocol = self._protocol(request)
+        state = self._state(protocol)
+        limit = self.settings.policy.max_abs_coefficient
         partials = {
             "attrition": lambda params: attrition(state.dataset.attrition),
             "arm_summary": lambda params: arm_summary(state.events),
-            "crude_cox": lambda params: crude_cox(state.events, params),
-            "propensity": lambda params: propensity(state.rows, params),
+            "crude_cox": lambda params: crude_cox(state.events, params, limit),
+            "propensity": lambda params: propensity(state.rows, params, limit),
             "provenance": lambda params: Release({
                 "input_versions": state.dataset.input_versions,
                 "dataset_version": state.dataset.delta_version,
@@ -161,11 +196,5 @@ class SiteAgent:
                 "cohort_seconds": state.dataset.build_seconds,
             }),
         }
-        unknown = sorted(set(request.tasks) - set(partials))
-        if unknown:
-            raise ProtocolError(
-                f"site {self.site_id!r} does not know task(s) {unknown}; it runs {sorted(partials)}. "
-                f"Fix: upgrade the site agent or drop the analysis."
-            )
         return {name: partials[name](params) for name, params in request.tasks.items()}
 

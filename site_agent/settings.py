@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -32,6 +33,13 @@ class DisclosurePolicy(_Settings):
         default=10, ge=1, le=1000,
         description="Smallest non-zero count of persons or events that may be released.",
     )
+    max_abs_coefficient: float = Field(
+        default=20.0, gt=0, le=100,
+        description=(
+            "Largest |coefficient| at which the site evaluates a model; extreme values turn "
+            "gradients into plain counts."
+        ),
+    )
 
 
 class SiteSettings(_Settings):
@@ -40,7 +48,13 @@ class SiteSettings(_Settings):
     site_id: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$", description="The site's id in the network.")
     lake: Path = Field(description="Folder holding the site's OMOP CDM Delta tables, one folder per table.")
     workdir: Path = Field(description="Folder for the site's analysis datasets and audit log.")
-    host: str = Field(default="127.0.0.1", description="Address the site service binds to.")
+    host: Literal["127.0.0.1", "localhost", "::1"] = Field(
+        default="127.0.0.1",
+        description=(
+            "Address the site service binds to: loopback only, since requests reach it through "
+            "the site's own SuperNode and the service has no authentication of its own."
+        ),
+    )
     port: int = Field(default=8801, ge=1, le=65_535, description="Port of the site service.")
     spark: SparkSettings = SparkSettings()
     policy: DisclosurePolicy = DisclosurePolicy()

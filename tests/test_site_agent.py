@@ -10,7 +10,7 @@ from pyspark.sql import SparkSession
 
 from coordinator.plan import StudyPlan
 from shared.protocol.messages import decode_reply
-from shared.protocol.model import load_protocol
+from shared.protocol.model import StudyProtocol, load_protocol
 from site_agent.agent import SiteAgent
 from site_agent.audit.log import verify_chain
 from site_agent.settings import DisclosurePolicy, SiteSettings
@@ -50,6 +50,11 @@ def test_small_counts_are_refused_by_the_sites_policy(strict_agent: SiteAgent) -
     reply = decode_reply(agent.handle(summary_request()))
     assert reply.status == "refused"
     assert reply.results == {}
+    assert "exposed.events" in (reply.error or "")
+    assert "=" not in (reply.error or "")  # the small value itself never leaves
+    log = agent.settings.workdir / "audit" / "releases.jsonl"
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert last["withheld"]["exposed.events"] == 1  # ... but the steward can see it
     assert "site 'site_t'" in (reply.error or "")
     assert "minimum cell count 10" in (reply.error or "")
 
@@ -113,3 +118,57 @@ def test_a_port_in_use_is_a_clear_error(open_agent: SiteAgent) -> None:
         settings = open_agent.settings.model_copy(update={"port": port})
         with pytest.raises(TransportError, match=rf"port {port} on 127.0.0.1 is already in use.*Fix"):
             bind(settings, open_agent)
+
+
+def test_extreme_coefficients_are_not_evaluated(open_agent: SiteAgent) -> None:
+    request = json.loads(summary_request())
+    request["tasks"] = {"crude_cox": {"beta": -60.0}}
+    reply = decode_reply(open_agent.handle(json.dumps(request).encode()))
+    assert reply.status == "refused"
+    assert "|beta| <= 20" in (reply.error or "")
+
+
+def test_tasks_outside_the_protocols_analyses_are_refused(open_agent: SiteAgent) -> None:
+    request = json.loads(summary_request())
+    protocol = dict(request["protocol"], analyses=["crude"])
+    request["protocol"] = protocol
+    request["protocol_sha256"] = load_protocol_from(protocol).sha256()
+    request["tasks"] = {"propensity": {}}
+    reply = decode_reply(open_agent.handle(json.dumps(request).encode()))
+    assert reply.status == "error"
+    assert "['propensity'] are not part of study" in (reply.error or "")
+
+
+def test_a_request_for_another_study_is_refused(open_agent: SiteAgent) -> None:
+    request = json.loads(summary_request())
+    request["study_id"] = "some_other_study"
+    reply = decode_reply(open_agent.handle(json.dumps(request).encode()))
+    assert reply.status == "error"
+    assert "carries the protocol of study" in (reply.error or "")
+
+
+def test_attrition_steps_that_remove_few_persons_are_checked() -> None:
+    from shared.errors import DisclosureRefused
+    from site_agent.analyses.counts import attrition
+    from site_agent.cohort.builder import AttritionStep
+    from site_agent.disclosure.guard import check_release
+
+    steps = [
+        AttritionStep("arm", "", 200, 100, 100),
+        AttritionStep("age", "", 197, 97, 100),  # 3 exposed removed: 97 and 100 pass, 3 must not
+    ]
+    with pytest.raises(DisclosureRefused, match=r"attrition\.age\.removed_exposed"):
+        check_release("attrition", attrition(steps), DisclosurePolicy(min_cell_count=10), "site_t")
+
+
+def test_site_service_binds_loopback_only(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="host"):
+        SiteSettings(site_id="s", lake=tmp_path, workdir=tmp_path, host="0.0.0.0")  # type: ignore[arg-type]
+
+
+def load_protocol_from(data: dict[str, object]) -> StudyProtocol:
+    from shared.protocol.model import parse_protocol
+
+    return parse_protocol(data)

@@ -10,13 +10,19 @@ ARMS = {1: "exposed", 0: "comparator"}
 
 
 def attrition(steps: list[AttritionStep]) -> Release:
-    """Persons remaining after each inclusion rule."""
+    """Persons remaining after each inclusion rule; each step's removals are checked too."""
     counts: dict[str, int] = {}
+    previous: AttritionStep | None = None
     for step in steps:
         counts[f"attrition.{step.step}.n_persons"] = step.n_persons
         for arm, value in (("exposed", step.n_exposed), ("comparator", step.n_comparator)):
-            if value is not None:
-                counts[f"attrition.{step.step}.n_{arm}"] = value
+            if value is None:
+                continue
+            counts[f"attrition.{step.step}.n_{arm}"] = value
+            before = None if previous is None else getattr(previous, f"n_{arm}")
+            if before is not None:  # a step that removes 1-9 persons would name them by difference
+                counts[f"attrition.{step.step}.removed_{arm}"] = before - value
+        previous = step
     return Release({"steps": [step.to_json() for step in steps]}, counts)
 
 

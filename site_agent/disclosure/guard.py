@@ -2,8 +2,8 @@
 
 Like a Flower mod, it wraps the handler. Every count a release rests on is checked
 against the site's own policy (never the request's): a count between 1 and
-``min_cell_count - 1`` refuses the whole reply, naming the count, so nothing about a
-handful of patients leaves.
+``min_cell_count - 1`` refuses the whole reply, naming the count but not its value, so nothing
+about a handful of patients leaves; the value is kept in the site's own release log.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ def check_release(task: str, release: Release, policy: DisclosurePolicy, site_id
     """Raise :class:`DisclosureRefused` when a count is below the site's minimum cell count."""
     small = {name: n for name, n in release.counts.items() if 0 < n < policy.min_cell_count}
     if small:
-        shown = ", ".join(f"{name}={n}" for name, n in sorted(small.items()))
+        names = ", ".join(sorted(small))  # the names only: the small values never leave
         raise DisclosureRefused(
-            f"site {site_id!r} refused {task!r}: {shown} below the site's minimum cell count "
+            f"site {site_id!r} refused {task!r}: {names} below the site's minimum cell count "
             f"{policy.min_cell_count}. Fix: widen the cohort or drop the analysis; the threshold "
-            f"is the site's policy and cannot be lowered by a request."
+            f"is the site's policy and cannot be lowered by a request.",
+            counts=small,
         )
 
 
