@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.plan import StudyPlan
+from shared.errors import ConvergenceError
 
 RESULTS_SCHEMA_VERSION = 1
 _PACKAGES = ("fedrwe", "flwr", "prefect", "pyspark", "deltalake", "numpy", "scipy", "pandas", "pydantic")
@@ -49,7 +50,10 @@ def build_results(
 
 def _finite(value: Any, where: str) -> None:
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"results.json would hold {value} at {where}; refusing to write it")
+        raise ConvergenceError(
+            f"results.json would hold {value} at {where}; refusing to write it. Fix: check that "
+            f"analysis's counts (an arm without events has no finite estimate)."
+        )
     if isinstance(value, dict):
         for key, item in value.items():
             _finite(item, f"{where}.{key}")

@@ -26,6 +26,7 @@ from shared.errors import TransportError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_APP_DIR = REPO_ROOT / "deploy" / "flower_app"
 CONNECTION_NAME = "fedrwe-local"
+DEFAULT_RUN_TIMEOUT_S = 6 * 3600.0  # a whole study; each round has its own timeout
 RunConfig = Mapping[str, bool | int | float | str]
 
 
@@ -104,7 +105,7 @@ def submit_run(
     run_dir: Path,
     app_dir: Path = DEFAULT_APP_DIR,
     connection: str = CONNECTION_NAME,
-    timeout_s: float = 900.0,
+    timeout_s: float = DEFAULT_RUN_TIMEOUT_S,
 ) -> FlowerRun:
     """Submit a Flower run, stream its ServerApp log to a file, and check its status.
 

@@ -519,7 +519,7 @@ class LocalNetwork:
         return found
 
     # -- runs
-    def submit_run(self, run_config: RunConfig, *, timeout_s: float = 900.0) -> FlowerRun:
+    def submit_run(self, run_config: RunConfig, *, timeout_s: float = 6 * 3600.0) -> FlowerRun:
         """Submit the fedrwe Flower app with ``run_config`` and follow it to the end.
 
         ``prefect-api-url`` defaults to this network's Prefect server and ``min-nodes``

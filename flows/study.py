@@ -2,7 +2,7 @@
 
 ``run_study(transport, run_config)`` is the ServerApp entrypoint. Run config keys:
 ``protocol-yaml`` (the protocol text), ``out-dir`` (where results.json and report.html go),
-``round-timeout-s`` (default 900), and in simulation ``truth-path``.
+``round-timeout-s`` (default 3600), and in simulation ``truth-path``.
 
 Retries and timeouts sit on the transport task only. A retried round resends the same
 request bytes; sites answer a repeated request from their reply cache, and replies to the
@@ -29,7 +29,7 @@ from shared.errors import FedRWEError, ProtocolError, SiteError, TransportError
 from shared.protocol.messages import RoundReply, RoundRequest, decode_reply
 from shared.protocol.model import StudyProtocol, parse_protocol
 
-DEFAULT_ROUND_TIMEOUT_S = 900.0
+DEFAULT_ROUND_TIMEOUT_S = 3600.0  # equals the ClientApp's service timeout
 
 
 def _retry_transport_only(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
@@ -65,7 +65,14 @@ def exchange_round(transport: FlowerTransport, request: RoundRequest, timeout_s:
     """Send ``request`` to every site and return their replies (transport only)."""
     payload = request.to_bytes()
     raw = transport.exchange(request.round_name, dict.fromkeys(transport.node_ids(), payload), timeout_s)
-    return decode_replies(raw)
+    replies = decode_replies(raw)
+    for site_id, reply in replies.items():
+        answered = (reply.study_id, reply.round_name)
+        if reply.status == "ok" and answered != (request.study_id, request.round_name):
+            raise SiteError(
+                site_id, f"answered {answered} to round {(request.study_id, request.round_name)}"
+            )
+    return replies
 
 
 @flow(name="fedrwe-study", validate_parameters=False, log_prints=True)
@@ -119,8 +126,9 @@ def run_study(transport: FlowerTransport, run_config: dict[str, Any]) -> dict[st
     truth_path = str(run_config.get("truth-path", "")) or None
     try:
         return study_flow(transport, protocol, out_dir, timeout_s, truth_path)
-    except FedRWEError as error:
+    except Exception as error:
         failure = Path(out_dir) / "error.txt"
         failure.parent.mkdir(parents=True, exist_ok=True)
-        failure.write_text(f"{type(error).__name__}: {error}\n", encoding="utf-8")
+        reason = str(error) if isinstance(error, FedRWEError) else f"internal error: {error!r}"
+        failure.write_text(f"{type(error).__name__}: {reason}\n", encoding="utf-8")
         raise

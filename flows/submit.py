@@ -60,4 +60,10 @@ def run_study_on_superlink(
         return submit_run(run_config, flwr_home=flwr_home, run_dir=run_dir)
 
     run_and_explain(submit, config, out, run_dir / "logs")
-    return dict(json.loads((out / "results.json").read_text(encoding="utf-8")))
+    results = out.resolve() / "results.json"
+    if not results.exists():
+        raise TransportError(
+            f"the study completed but {results} is not on this machine: the ServerApp writes it "
+            f"next to the SuperLink. Fix: read it there, or run `fedrwe study run` on that host."
+        )
+    return dict(json.loads(results.read_text(encoding="utf-8")))

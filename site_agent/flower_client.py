@@ -10,7 +10,8 @@ Message layout (both directions): ``RecordDict({RECORD_NAME: ConfigRecord({PAYLO
 
 - ``site-id``: the site's name, used in error replies;
 - ``service-url``: where the site service listens, e.g. ``http://127.0.0.1:8101``;
-- ``service-timeout-s`` (optional, default 600): how long one round may take.
+- ``service-timeout-s`` (optional, default 3600, the coordinator's round timeout):
+  how long the site may take to answer one round.
 
 A failure to reach the service never raises: the reply is then the UTF-8 JSON
 ``{"status": "error", "site_id": ..., "error": "<what failed, the URL, the fix>"}``,
@@ -26,7 +27,7 @@ from flwr.clientapp import ClientApp
 from shared.protocol.wire import PAYLOAD_KEY, RECORD_NAME, error_reply
 
 ROUND_PATH = "/v1/round"
-DEFAULT_SERVICE_TIMEOUT_S = 600.0
+DEFAULT_SERVICE_TIMEOUT_S = 3600.0
 
 app = ClientApp()
 

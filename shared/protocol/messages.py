@@ -20,7 +20,11 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     def to_bytes(self) -> bytes:
-        return canonical_json(self.model_dump(mode="json"))
+        """Canonical bytes; a NaN or infinity anywhere is an error, never a silent null."""
+        try:
+            return canonical_json(self.model_dump())
+        except ValueError as error:
+            raise ProtocolError(f"{type(self).__name__} holds a non-finite number: {error}") from None
 
 
 class RoundRequest(_Message):

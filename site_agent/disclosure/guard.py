@@ -8,9 +8,10 @@ about a handful of patients leaves; the value is kept in the site's own release 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
-from shared.errors import DisclosureRefused
+from shared.errors import DataError, DisclosureRefused
 from site_agent.analyses.release import Release
 from site_agent.settings import DisclosurePolicy
 
@@ -30,9 +31,27 @@ def check_release(task: str, release: Release, policy: DisclosurePolicy, site_id
         )
 
 
+def _non_finite(value: object, where: str) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    if isinstance(value, dict):
+        items: list[tuple[str, object]] = [(f"{where}.{k}", v) for k, v in value.items()]
+    elif isinstance(value, list | tuple):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return None
+    return next((found for path, item in items if (found := _non_finite(item, path))), None)
+
+
 def guarded(handler: Handler, policy: DisclosurePolicy, site_id: str) -> dict[str, object]:
-    """Run ``handler`` and return only releases that pass the policy."""
+    """Run ``handler`` and return only releases that pass the policy (and hold finite numbers)."""
     releases = handler()
     for task, release in releases.items():
         check_release(task, release, policy, site_id)
+        where = _non_finite(release.values, task)
+        if where is not None:
+            raise DataError(
+                f"site {site_id!r}: {where} is not a finite number, so it is not sent. Fix: check "
+                f"the cohort's counts for that analysis (e.g. an arm without events)."
+            )
     return {task: release.values for task, release in releases.items()}
