@@ -117,12 +117,14 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
 }
 
-# Tables a study needs at a site (the concept table is optional for source-code studies).
-STUDY_TABLES: tuple[str, ...] = (
-    "person",
-    "observation_period",
-    "visit_occurrence",
-    "condition_occurrence",
-    "drug_exposure",
-    "death",
-)
+# Tables a study needs at a site, and the columns the cohort rules read from each (some
+# are optional in the CDM, e.g. the source values, yet a source-code study needs them).
+STUDY_COLUMNS: dict[str, tuple[str, ...]] = {
+    "person": ("person_id", "year_of_birth", "gender_concept_id", "race_concept_id"),
+    "observation_period": ("person_id", "observation_period_start_date", "observation_period_end_date"),
+    "visit_occurrence": ("person_id", "visit_concept_id", "visit_start_date"),
+    "condition_occurrence": ("person_id", "condition_start_date", "condition_source_value"),
+    "drug_exposure": ("person_id", "drug_exposure_start_date", "drug_source_value"),
+    "death": ("person_id", "death_date"),
+}
+STUDY_TABLES: tuple[str, ...] = tuple(STUDY_COLUMNS)

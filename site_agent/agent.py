@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pyspark.sql import SparkSession
 
 from shared.errors import DisclosureRefused, FedRWEError, ProtocolError
+from shared.omop import STUDY_TABLES
 from shared.protocol.messages import RoundReply, RoundRequest, decode_request, is_ping
 from shared.protocol.model import StudyProtocol, parse_protocol
 from shared.stats.cox import EventTable
@@ -74,6 +75,16 @@ class SiteAgent:
         self._states: dict[str, _StudyState] = {}
         self._replies: dict[str, bytes] = {}
         self._lock = threading.Lock()
+
+    def missing_tables(self) -> list[str]:
+        """What is wrong with the site's OMOP tables right now (empty when all are present)."""
+        problems = []
+        for name in STUDY_TABLES:
+            try:
+                self._tables.version(name)
+            except FedRWEError as error:
+                problems.append(str(error))
+        return problems
 
     def close(self) -> None:
         """Stop Spark if this agent started it."""

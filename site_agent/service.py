@@ -17,6 +17,7 @@ import errno
 import json
 import logging
 import signal
+import socket
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -64,23 +65,41 @@ def _handler_for(agent: SiteAgent) -> type[BaseHTTPRequestHandler]:
     return RoundHandler
 
 
+def _port_in_use(settings: SiteSettings) -> TransportError:
+    return TransportError(
+        f"site {settings.site_id!r}: port {settings.port} on {settings.host} is already in "
+        f"use. Fix: stop the process holding it (`ss -ltnp | grep {settings.port}`) or set "
+        f"another `port` in the site settings."
+    )
+
+
+def check_port_free(settings: SiteSettings) -> None:
+    """Fail at once, before Spark starts, when the service's port is taken."""
+    with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
+        try:
+            probe.bind((settings.host, settings.port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise _port_in_use(settings) from None
+            raise
+
+
 def bind(settings: SiteSettings, agent: SiteAgent) -> ThreadingHTTPServer:
     """Bind the service's port; a port in use is a clear error, not a traceback."""
     try:
         return ThreadingHTTPServer((settings.host, settings.port), _handler_for(agent))
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
-            raise TransportError(
-                f"site {settings.site_id!r}: port {settings.port} on {settings.host} is already in "
-                f"use. Fix: stop the process holding it (`ss -ltnp | grep {settings.port}`) or set "
-                f"another `port` in the site settings."
-            ) from None
+            raise _port_in_use(settings) from None
         raise
 
 
 def serve(settings: SiteSettings) -> None:
     """Start Spark, bind, and serve until SIGTERM/SIGINT; always stop Spark."""
+    check_port_free(settings)
     agent = SiteAgent(settings)
+    for problem in agent.missing_tables():
+        log.warning("%s", problem)  # studies will fail with this message until it is fixed
     try:
         server = bind(settings, agent)
     except BaseException:

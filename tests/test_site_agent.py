@@ -172,3 +172,25 @@ def load_protocol_from(data: dict[str, object]) -> StudyProtocol:
     from shared.protocol.model import parse_protocol
 
     return parse_protocol(data)
+
+
+def test_the_service_refuses_a_taken_port_before_starting_spark(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = tmp_path / "site.toml"
+        config.write_text(f'site_id = "site_p"\nlake = "{tmp_path}"\nworkdir = "{tmp_path}"\nport = {port}\n')
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "site", "serve", "--config", str(config)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+    assert done.returncode == 2
+    assert f"port {port} on 127.0.0.1 is already in use" in " ".join(done.stderr.split())
+    assert time.monotonic() - started < 20  # no Spark start before the check

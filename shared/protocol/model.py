@@ -8,7 +8,6 @@ schema version adds standard concept ids with descendants, next to ``include``.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -17,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.errors import ProtocolError
+from shared.protocol.messages import canonical_json
 
 SCHEMA_VERSION = 1
 _CODE = re.compile(r"^[A-Za-z0-9.\-]+\*?$")
@@ -96,17 +96,21 @@ class DayWindow(_Strict):
         return self
 
 
-class DemographicCovariate(_Strict):
-    """Age at index (years), sex (``sex_female``) or race (one-hot, white the reference)."""
+_COVARIATE_NAME = r"^[a-z][a-z0-9_]{0,62}$"
 
-    name: str
+
+class DemographicCovariate(_Strict):
+    """Age at index (years, column named as the covariate), sex (``sex_female``) or race
+    (one-hot ``race_black``, ``race_asian``, ``race_other``; white is the reference)."""
+
+    name: str = Field(pattern=_COVARIATE_NAME)
     kind: Literal["age", "sex", "race"]
 
 
 class ConditionCovariate(_Strict):
     """1 when any of the codes starts within the covariate window, else 0."""
 
-    name: str
+    name: str = Field(pattern=_COVARIATE_NAME)
     kind: Literal["condition"]
     codes: CodeSet
 
@@ -114,7 +118,7 @@ class ConditionCovariate(_Strict):
 class VisitCountCovariate(_Strict):
     """Number of visits of the given visit concepts starting within the covariate window."""
 
-    name: str
+    name: str = Field(pattern=_COVARIATE_NAME)
     kind: Literal["visit_count"]
     visit_concept_ids: list[int] = Field(min_length=1)
 
@@ -124,6 +128,7 @@ Covariate = Annotated[
 ]
 
 RACE_LEVELS: tuple[str, ...] = ("black", "asian", "other")  # white is the reference level
+RESERVED_COLUMNS = frozenset({"site_id", "person_id", "treatment", "index_date", "time", "event"})
 
 AnalysisName = Literal["crude", "propensity"]
 
@@ -157,12 +162,21 @@ class StudyProtocol(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> StudyProtocol:
-        names = [c.name for c in self.covariates]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        columns = self.covariate_columns()
+        duplicates = sorted({n for n in columns if columns.count(n) > 1})
         if duplicates:
-            raise ValueError(f"covariate names must be unique; repeated: {duplicates}")
-        if self.time_at_risk.start_day < 0:
-            raise ValueError("time_at_risk.start_day must be >= 0 (the risk window follows index)")
+            raise ValueError(
+                f"covariates give repeated columns {duplicates} (names must be unique; sex and "
+                f"race may appear once)"
+            )
+        reserved = sorted(set(columns) & RESERVED_COLUMNS)
+        if reserved:
+            raise ValueError(f"covariate names {reserved} are reserved for the analysis dataset")
+        if self.time_at_risk.start_day != 1:
+            raise ValueError(
+                "time_at_risk.start_day must be 1 in this version (follow-up starts the day "
+                "after index; other starts need delayed entry, not supported yet)"
+            )
         if self.covariate_window.end_day >= 0:
             raise ValueError("covariate_window.end_day must be < 0 (covariates precede index)")
         return self
@@ -185,7 +199,7 @@ class StudyProtocol(_Strict):
 
     def canonical_bytes(self) -> bytes:
         """The protocol as canonical JSON: the bytes that are hashed, signed and approved."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+        return canonical_json(self.model_dump(mode="json"))
 
     def sha256(self) -> str:
         """Hex SHA-256 of the canonical bytes: the protocol's identity at every site."""

@@ -17,6 +17,7 @@ from shared.protocol.model import RACE_LEVELS, StudyProtocol
 from site_agent.cohort.codes import code_predicate
 
 _RACE_CONCEPTS = {"black": RACE_BLACK, "asian": RACE_ASIAN}
+COHORT_RULES_VERSION = 1  # bump when a rule changes: cached datasets are then rebuilt
 
 
 @dataclass(frozen=True)
@@ -213,9 +214,10 @@ def _with_covariates(protocol: StudyProtocol, cohort: DataFrame, conditions: Dat
     ]
     for cov in protocol.covariates:
         if cov.kind == "age":
-            columns.append((F.year("index_date") - F.col("year_of_birth")).cast("double").alias("age"))
+            columns.append((F.year("index_date") - F.col("year_of_birth")).cast("double").alias(cov.name))
         elif cov.kind == "sex":
-            columns.append((F.col("gender_concept_id") == GENDER_FEMALE).cast("int").alias("sex_female"))
+            is_female = F.coalesce(F.col("gender_concept_id") == GENDER_FEMALE, F.lit(False))
+            columns.append(is_female.cast("int").alias("sex_female"))
         elif cov.kind == "race":
             for level in RACE_LEVELS:
                 race = F.col("race_concept_id")

@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 
 from shared.omop import STUDY_TABLES
 from shared.protocol.model import StudyProtocol
-from site_agent.cohort.builder import AttritionStep, build_cohort
+from site_agent.cohort.builder import COHORT_RULES_VERSION, AttritionStep, build_cohort
 from site_agent.data.delta import DeltaBackend, OmopTables
 
 _KEY = "fedrwe.dataset_key"
@@ -53,7 +53,10 @@ class DatasetStore:
     def get(self, protocol: StudyProtocol) -> AnalysisDataset:
         """The dataset for ``protocol``: from memory or the Delta cache if valid, else rebuilt."""
         input_versions = {name: self._tables.version(name) for name in STUDY_TABLES}
-        key = json.dumps({"protocol": protocol.sha256(), "inputs": input_versions}, sort_keys=True)
+        key = json.dumps(
+            {"protocol": protocol.sha256(), "inputs": input_versions, "rules": COHORT_RULES_VERSION},
+            sort_keys=True,
+        )
         loaded = self._loaded.get(protocol.study_id)
         if loaded is not None and loaded.key == key:
             return loaded

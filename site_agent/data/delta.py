@@ -19,7 +19,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from shared.errors import DataError, MissingTableError
-from shared.omop import SCHEMAS
+from shared.omop import SCHEMAS, STUDY_COLUMNS
 
 _UNSUPPORTED_READER_FEATURES = frozenset({"deletionVectors", "columnMapping"})
 
@@ -101,11 +101,12 @@ class OmopTables:
         snapshot = self._backend.read(name, self._lake / name, expected)
         present = set(snapshot.frame.columns)
         required = [f.name for f in expected if not f.nullable]
+        required += [c for c in STUDY_COLUMNS.get(name, ()) if c not in required]
         missing = [column for column in required if column not in present]
         if missing:
             raise DataError(
                 f"site {self._site_id!r}: OMOP table {name!r} (Delta version {snapshot.version}) "
-                f"lacks required column(s) {missing}. Fix: re-ingest {name} with the OMOP CDM 5.4 "
-                f"columns (lower-case names)."
+                f"lacks column(s) {missing} that the study needs. Fix: re-ingest {name} with "
+                f"the OMOP CDM 5.4 columns (lower-case names), source values included."
             )
         return snapshot
