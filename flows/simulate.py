@@ -89,6 +89,20 @@ def write_site_settings(
     return path
 
 
+_MARKER = ".fedrwe-simulation"
+
+
+def claim_output_folder(out: Path) -> None:
+    """Use ``out`` only if it is new, empty, or an earlier simulation's (it is overwritten)."""
+    if out.exists() and any(out.iterdir()) and not (out / _MARKER).exists():
+        raise DataError(
+            f"output folder {out} is not empty and was not made by `fedrwe simulate`; it is not "
+            f"overwritten. Fix: choose a new --out folder."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / _MARKER).write_text("made by fedrwe simulate; its contents are rewritten by each run\n")
+
+
 def simulated_sites(
     lakes: Path, sites_dir: Path, master: str, driver_memory: str = "1g"
 ) -> tuple[list[SiteSpec], list[Path]]:
@@ -135,6 +149,7 @@ def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, 
     """Run the whole simulated study; every process started is stopped before returning."""
     out = settings.out.resolve()
     protocol = load_protocol(settings.protocol)  # a bad protocol fails before any work
+    claim_output_folder(out)
     timings: dict[str, Any] = {}
     started = time.perf_counter()
 
@@ -169,6 +184,8 @@ def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, 
     n_rows = write_pooled_dataset(protocol, workdirs, out / "sim" / "pooled_analysis_dataset.parquet")
     timings["total_s"] = round(time.perf_counter() - started, 2)
     results: dict[str, Any] = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    timings["cohort_s"] = {s["site_id"]: s["provenance"]["cohort_seconds"] for s in results["sites"]}
+    timings["rounds_s"] = {r["name"]: r["seconds"] for r in results["rounds"]}
     truth = json.loads((out / "truth.json").read_text(encoding="utf-8"))
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
     _print_summary(console, results, truth, timings, out, n_rows)
@@ -194,10 +211,14 @@ def _print_summary(
     )
     rounds = ", ".join(f"{r['name']} {r['seconds']:.1f}s" for r in results["rounds"])
     console.print(f"rounds: {rounds}")
+    startup = timings["process_startup_s"]
+    spark_start = max(v for k, v in startup.items() if k.endswith("-service"))
     console.print(
-        f"time: data {timings['generate_data_s']}s, start network {timings['start_network_s']}s, "
-        f"study {timings['study_run_s']}s, total {timings['total_s']}s; peak RSS "
-        f"{timings['peak_rss_bytes']['total'] / 2**30:.2f} GiB"
+        f"time: data {timings['generate_data_s']}s; network start {timings['start_network_s']}s "
+        f"(site agents with Spark {spark_start}s, Prefect {startup.get('prefect-server', 0)}s, "
+        f"SuperLink {startup['superlink']}s); cohort on Spark (slowest site) "
+        f"{max(timings['cohort_s'].values()):.1f}s, inside round 1; study {timings['study_run_s']}s; "
+        f"total {timings['total_s']}s; peak RSS {timings['peak_rss_bytes']['total'] / 2**30:.2f} GiB"
     )
     console.print(
         f"wrote {out / 'results.json'}, {out / 'report.html'}, {out / 'truth.json'}, "

@@ -20,6 +20,7 @@ import yaml
 from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.client.schemas.objects import State, TaskRun
+from prefect.runtime import flow_run as prefect_flow_run
 
 from coordinator.flower_server import FlowerTransport
 from coordinator.plan import StudyPlan
@@ -102,6 +103,7 @@ def study_flow(
     if truth_path:
         truth = json.loads(Path(truth_path).read_text(encoding="utf-8"))
         extra["simulation"] = {"truth_path": truth_path, "note": "synthetic data with planted truth"}
+    extra["orchestration"] = {"prefect_flow_run_id": str(prefect_flow_run.id)}
     results = build_results(plan, rounds, extra)
     out = Path(out_dir)
     write_results(out / "results.json", results)

@@ -196,7 +196,7 @@ class SiteAgent:
         state = self._state(protocol)
         limit = self.settings.policy.max_abs_coefficient
         partials = {
-            "attrition": lambda params: attrition(state.dataset.attrition),
+            "attrition": lambda params: attrition(state.dataset.attrition, self.settings.policy.min_cell_count),
             "arm_summary": lambda params: arm_summary(state.events),
             "crude_cox": lambda params: crude_cox(state.events, params, limit),
             "propensity": lambda params: propensity(state.rows, params, limit),

@@ -7,7 +7,9 @@ round, and no process may be left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +24,43 @@ from tests.pooled_reference import assert_crude_equals_pooled
 PROTOCOL = Path(__file__).parents[1] / "studies" / "ketamine_cud.yaml"
 
 
-def _fedrwe_processes() -> set[int]:
-    names = ("flower-superlink", "flower-supernode", "flower-superexec", "site_agent.service", "flwr-")
-    found = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if any(name in cmdline for name in names):
-            found.add(proc.info["pid"])
-    return found
+class ChildWatcher:
+    """Records every descendant process of this test process seen while a block runs."""
+
+    def __init__(self) -> None:
+        self.before = {p.pid for p in psutil.Process().children(recursive=True)}
+        self.seen: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(psutil.Error):
+                self.seen |= {p.pid for p in psutil.Process().children(recursive=True)}
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> ChildWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def still_running(self) -> set[int]:
+        return {pid for pid in self.seen - self.before if psutil.pid_exists(pid)}
 
 
 @pytest.fixture(scope="module")
 def simulation(tmp_path_factory: pytest.TempPathFactory, prefect_api_url: str) -> dict[str, Any]:
-    before = _fedrwe_processes()
     out = tmp_path_factory.mktemp("sim")
     settings = SimulationSettings(
         out=out, sites=3, patients=9_000, seed=5, protocol=PROTOCOL, prefect_api_url=prefect_api_url
     )
-    results = run_simulation(settings, console=Console(quiet=True))
-    return {"out": out, "results": results, "leftover": _fedrwe_processes() - before}
+    with ChildWatcher() as watcher:
+        results = run_simulation(settings, console=Console(quiet=True))
+    assert len(watcher.seen - watcher.before) >= 10  # SuperLink, 3 x (service, JVM, SuperNode), ...
+    return {"out": out, "results": results, "leftover": watcher.still_running()}
 
 
 @pytest.mark.integration
@@ -82,7 +102,11 @@ def test_prefect_lists_the_flow_run_with_one_task_run_per_round(
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_api_url}), get_client(sync_client=True) as client:
-        flow_runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["fedrwe-study"])))
+        run_id = simulation["results"]["orchestration"]["prefect_flow_run_id"]
+        flow_runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["fedrwe-study"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
+        )
         assert len(flow_runs) == 1
         assert flow_runs[0].state is not None
         assert flow_runs[0].state.is_completed()

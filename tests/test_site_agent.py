@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -147,18 +148,26 @@ def test_a_request_for_another_study_is_refused(open_agent: SiteAgent) -> None:
     assert "carries the protocol of study" in (reply.error or "")
 
 
-def test_attrition_steps_that_remove_few_persons_are_checked() -> None:
-    from shared.errors import DisclosureRefused
+def test_attrition_steps_that_remove_few_persons_are_suppressed() -> None:
     from site_agent.analyses.counts import attrition
     from site_agent.cohort.builder import AttritionStep
     from site_agent.disclosure.guard import check_release
 
     steps = [
+        AttritionStep("entry", "", 900, None, None),
         AttritionStep("arm", "", 200, 100, 100),
-        AttritionStep("age", "", 197, 97, 100),  # 3 exposed removed: 97 and 100 pass, 3 must not
+        AttritionStep("washout", "", 180, 97, 83),  # removes 3 exposed: 100 would reveal them
+        AttritionStep("age", "", 170, 87, 83),
     ]
-    with pytest.raises(DisclosureRefused, match=r"attrition\.age\.removed_exposed"):
-        check_release("attrition", attrition(steps), DisclosurePolicy(min_cell_count=10), "site_t")
+    release = attrition(steps, min_cell_count=10)
+    rows = {row["step"]: row for row in release.values["steps"]}
+    assert (rows["arm"]["n_exposed"], rows["arm"]["n_comparator"], rows["arm"]["n_persons"]) == (None, 100, None)
+    assert rows["arm"]["suppressed"] is True
+    assert (rows["washout"]["n_exposed"], rows["age"]["n_exposed"]) == (97, 87)
+    assert rows["entry"]["n_persons"] == 900
+    check_release("attrition", release, DisclosurePolicy(min_cell_count=10), "site_t")  # passes
+    shown = [row["n_exposed"] for row in release.values["steps"] if row["n_exposed"] is not None]
+    assert all(a - b == 0 or a - b >= 10 for a, b in itertools.pairwise(shown))
 
 
 def test_site_service_binds_loopback_only(tmp_path: Path) -> None:

@@ -9,21 +9,57 @@ from site_agent.cohort.builder import AttritionStep
 ARMS = {1: "exposed", 0: "comparator"}
 
 
-def attrition(steps: list[AttritionStep]) -> Release:
-    """Persons remaining after each inclusion rule; each step's removals are checked too."""
+def _shown_steps(values: list[int], min_cell_count: int) -> list[bool]:
+    """Which counts of a decreasing sequence can be shown so that every difference between
+    consecutive shown counts is 0 or at least ``min_cell_count``. The last is always shown
+    (it is the cohort size, released anyway); earlier ones are kept greedily backwards."""
+    shown = [False] * len(values)
+    shown[-1] = True
+    last = values[-1]
+    for i in range(len(values) - 2, -1, -1):
+        removed = values[i] - last
+        if removed == 0 or removed >= min_cell_count:
+            shown[i] = True
+            last = values[i]
+    return shown
+
+
+def attrition(steps: list[AttritionStep], min_cell_count: int) -> Release:
+    """Persons remaining after each inclusion rule, per arm.
+
+    A step that removes between 1 and ``min_cell_count - 1`` persons of an arm would name
+    them by difference, so such counts are suppressed (shown as null, ``suppressed: true``)
+    until every difference a reader can take is 0 or at least the minimum; the final
+    counts are always shown. Every shown count and difference is also checked by the guard.
+    """
+    arm_steps = [s for s in steps if s.n_exposed is not None and s.n_comparator is not None]
+    shown = {
+        arm: _shown_steps([getattr(s, f"n_{arm}") for s in arm_steps], min_cell_count)
+        for arm in ("exposed", "comparator")
+    }
+    released: list[dict[str, object]] = []
     counts: dict[str, int] = {}
-    previous: AttritionStep | None = None
+    last: dict[str, int] = {}
     for step in steps:
-        counts[f"attrition.{step.step}.n_persons"] = step.n_persons
-        for arm, value in (("exposed", step.n_exposed), ("comparator", step.n_comparator)):
-            if value is None:
-                continue
-            counts[f"attrition.{step.step}.n_{arm}"] = value
-            before = None if previous is None else getattr(previous, f"n_{arm}")
-            if before is not None:  # a step that removes 1-9 persons would name them by difference
-                counts[f"attrition.{step.step}.removed_{arm}"] = before - value
-        previous = step
-    return Release({"steps": [step.to_json() for step in steps]}, counts)
+        row = step.to_json()
+        if step in arm_steps:
+            index = arm_steps.index(step)
+            for arm in ("exposed", "comparator"):
+                value = getattr(step, f"n_{arm}")
+                if shown[arm][index]:
+                    counts[f"attrition.{step.step}.n_{arm}"] = value
+                    if arm in last:
+                        counts[f"attrition.{step.step}.removed_{arm}"] = last[arm] - value
+                    last[arm] = value
+                else:
+                    row[f"n_{arm}"] = None
+            if row["n_exposed"] is None or row["n_comparator"] is None:
+                row["n_persons"] = None
+            row["suppressed"] = row["n_persons"] is None
+        if row["n_persons"] is not None:
+            counts[f"attrition.{step.step}.n_persons"] = int(step.n_persons)
+        released.append(row)
+    return Release({"steps": released}, counts)
 
 
 def arm_summary(table: EventTable) -> Release:

@@ -20,16 +20,18 @@ def require_java() -> None:
 
 
 def start_spark(settings: SparkSettings, app_name: str) -> SparkSession:
-    """Start the session: bound to loopback, UTC dates, no UI, quiet logs."""
+    """Start the session: UTC dates, ANSI SQL, no UI, quiet logs; loopback-only when local."""
     require_java()
-    spark = (
+    builder = (
         SparkSession.builder.appName(app_name)
         .master(settings.master)
         .config("spark.driver.memory", settings.driver_memory)
         .config("spark.sql.shuffle.partitions", str(settings.shuffle_partitions))
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .config("spark.ui.enabled", "false")
+    )
+    if settings.master.startswith("local"):  # a cluster's executors must reach the driver
+        builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+    spark = (
+        builder.config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.ansi.enabled", "true")
