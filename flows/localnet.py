@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -548,7 +548,8 @@ class LocalNetwork:
             with contextlib.suppress(psutil.Error):
                 roots.append(psutil.Process(proc.popen.pid))
         t0 = time.monotonic()
-        self.killed_on_stop = stop_trees(roots)
+        with _signals_deferred():  # a second Ctrl-C must not cut the clean-up short
+            self.killed_on_stop = stop_trees(roots)
         self.stop_seconds = time.monotonic() - t0
         for proc in self.processes.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -582,6 +583,20 @@ def _check_external_prefect(api_url: str) -> None:
             "(`prefect server start --host 127.0.0.1`) or leave prefect_api_url unset so "
             "the local network starts its own."
         )
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM inside the block (main thread only), then restore them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.flower_runs import FlowerRun, RunConfig, submit_run, write_cli_config
-from shared.errors import FedRWEError, ProtocolError, TransportError
+from shared.errors import FedRWEError, SettingsError, TransportError
 from shared.protocol.model import load_protocol
 
 
@@ -44,7 +44,7 @@ def run_study_on_superlink(
     The ServerApp runs next to the SuperLink, so ``out`` is a path on that machine.
     """
     if not prefect_api_url:
-        raise ProtocolError(
+        raise SettingsError(
             "a study run reports to a Prefect server and none was given. Fix: start one "
             "(`prefect server start --host 127.0.0.1`) and pass --prefect-api-url "
             "http://127.0.0.1:4200/api (or set PREFECT_API_URL)."

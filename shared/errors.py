@@ -5,6 +5,7 @@ field), *what* (the value) and *the fix*.
 
     FedRWEError
      +-- ProtocolError          a study protocol or round request is malformed
+     +-- SettingsError          a site's or a command's own settings are unusable
      +-- DataError              a site's tables are missing, broken or unusable
      |    +-- MissingTableError one OMOP table is absent at a site
      +-- DisclosureRefused      the site's disclosure guard refused a release
@@ -24,6 +25,10 @@ class FedRWEError(Exception):
 
 class ProtocolError(FedRWEError):
     """A study protocol or a round request is malformed."""
+
+
+class SettingsError(FedRWEError):
+    """A site's settings file or a command's options cannot be used."""
 
 
 class DataError(FedRWEError):

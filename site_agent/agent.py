@@ -96,7 +96,11 @@ class SiteAgent:
         digest = hashlib.sha256(payload).hexdigest()
         with self._lock:
             cached = self._replies.get(digest)
-            if cached is not None:
+            if cached is not None:  # a retried round: the same bytes again, and on record
+                self._audit.append(
+                    site_id=self.site_id, request_sha256=digest, decision="replayed",
+                    reply_sha256=hashlib.sha256(cached).hexdigest(),
+                )
                 return cached
             reply = self._answer(payload, digest)
             if len(self._replies) >= _MAX_CACHED_REPLIES:

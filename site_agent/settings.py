@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.errors import ProtocolError
+from shared.errors import SettingsError
 
 
 class _Settings(BaseModel):
@@ -66,13 +66,13 @@ def load_site_settings(path: str | Path) -> SiteSettings:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise ProtocolError(f"cannot read site settings {path}: {error.strerror}") from None
+        raise SettingsError(f"cannot read site settings {path}: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:
-        raise ProtocolError(f"site settings {path} are not valid TOML: {error}") from None
+        raise SettingsError(f"site settings {path} are not valid TOML: {error}") from None
     try:
         return SiteSettings.model_validate(data)
     except ValidationError as error:
         problems = "; ".join(
             f"`{'.'.join(map(str, e['loc']))}`: {e['msg']}" for e in error.errors()
         )
-        raise ProtocolError(f"site settings {path} are invalid: {problems}") from None
+        raise SettingsError(f"site settings {path} are invalid: {problems}") from None

@@ -2,8 +2,8 @@
 
 Two forms of the same partial likelihood:
 
-* :func:`cox_derivatives` works on one site's rows (time, event, covariates). A site calls
-  it locally; only the log-likelihood, gradient and Hessian leave.
+* :func:`cox_derivatives` works on one site's rows (time, event, covariates, weights): the
+  form for models with covariates (the estimators issue); tested against statsmodels.
 * :func:`binary_cox_derivatives` works on an :class:`EventTable` (events and exits per day
   and arm). With a single binary treatment the table is a sufficient statistic, so a site
   can reduce its rows to it with one group-by.
