@@ -9,6 +9,8 @@ later rounds ask for the derivatives at ``next_params`` until the fit reports
 
 from __future__ import annotations
 
+import operator
+from functools import reduce
 from typing import Any
 
 import numpy as np
@@ -158,16 +160,8 @@ class PropensityFit:
 
 
 def _sum_cox(partials: Partials) -> CoxDerivatives:
-    parts = [CoxDerivatives.from_json(p) for p in partials]
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total
+    return reduce(operator.add, (CoxDerivatives.from_json(p) for p in partials))
 
 
 def _sum_logistic(partials: Partials) -> LogisticDerivatives:
-    parts = [LogisticDerivatives.from_json(p) for p in partials]
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total
+    return reduce(operator.add, (LogisticDerivatives.from_json(p) for p in partials))
