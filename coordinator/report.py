@@ -72,6 +72,16 @@ def render_report(results: dict[str, Any], truth: dict[str, Any] | None = None) 
                [[crude["hr"], crude["ci_low"], crude["ci_high"], crude["se_log_hr"], crude["p_value"],
                  crude["newton_rounds"]]]),
     ]
+    propensity = results.get("propensity")
+    if propensity is not None:
+        parts += [
+            "<h2>Propensity model</h2>",
+            f"<p class='note'>{escape(propensity['model'])}; L2 penalty {propensity['l2']}; "
+            f"{propensity['newton_rounds']} Newton rounds over all sites.</p>",
+            _table(["term", "coefficient", "SE"],
+                   [[name, value, propensity["standard_errors"][name]]
+                    for name, value in propensity["coefficients"].items()]),
+        ]
     if truth is not None:
         marginal = truth.get("marginal_effect_in_treated", {})
         parts += [
