@@ -321,7 +321,8 @@ def _time_in_jobs(spark: Any) -> dict[str, float]:
         if job.submissionTime().isDefined() and job.completionTime().isDefined():
             in_jobs += (job.completionTime().get().getTime() - job.submissionTime().get().getTime()) / 1e3
     run_ms = cpu_ns = 0.0
-    stages = status.stageList(None).iterator()
+    defaults = (getattr(status, "stageList$default$4")(), getattr(status, "stageList$default$5")())
+    stages = status.stageList(None, False, False, *defaults).iterator()
     while stages.hasNext():
         stage = stages.next()
         run_ms += stage.executorRunTime()
@@ -418,7 +419,10 @@ def worker(config: Config, lake: Path, workdir: Path, site_id: str) -> dict[str,
     cold_cpu_jvm, cold_cpu_py = _cpu(jvm) - cpu_jvm, _cpu(psutil.Process()) - cpu_py
     after_cold = counters.read()
     cold_jobs = _jobs(agent.spark)
-    cold_time_in_jobs = _time_in_jobs(agent.spark)
+    try:  # auxiliary: Spark's status-store API is internal and may change
+        cold_time_in_jobs = _time_in_jobs(agent.spark)
+    except Exception as error:
+        cold_time_in_jobs = {"error": str(error)[:200]}
     provenance = json.loads(reply)["results"]["provenance"]
     phases.enabled = False
 
