@@ -94,28 +94,35 @@ class CrudeCoxFit:
 
 
 class PropensityFit:
-    """Logistic propensity model by distributed Newton-Raphson (optional central L2)."""
+    """Logistic propensity model by distributed Newton-Raphson (optional central L2).
+
+    Newton converges quadratically: once a step is below ``tolerance`` the updated
+    coefficients are within about ``tolerance**2`` of the maximum. They become the final
+    point, and one more round (the adjusted analyses' round, which needs them anyway)
+    brings the derivatives there: the SEs come from the information at the final point,
+    and the size of the step that would follow is reported as the check of convergence.
+    """
 
     task = "propensity"
 
-    def __init__(self, protocol: StudyProtocol, tolerance: float = 1e-9, max_rounds: int = 25) -> None:
+    def __init__(self, protocol: StudyProtocol, tolerance: float = 1e-6, max_rounds: int = 25) -> None:
         self.columns = protocol.propensity_columns()
         self.l2 = protocol.propensity.l2
         self.tolerance = tolerance
         self.max_rounds = max_rounds
         self.beta = np.zeros(len(self.columns))
         self.iterations = 0
+        self.gram: np.ndarray | None = None  # X'X over all sites (from the Hessian at 0)
+        self.converged = False
         self.final: dict[str, Any] | None = None
-
-    @property
-    def converged(self) -> bool:
-        return self.final is not None
 
     def first_params(self) -> dict[str, Any]:
         return {"beta": self.beta.tolist(), "local_fit": True}
 
     def warm_start(self, partials: Partials) -> None:
         """Information-weighted mean of the sites' own fits (else one Newton step from 0)."""
+        at_zero = _sum_logistic(partials)
+        self.gram = -4.0 * at_zero.hessian  # p (1 - p) = 1/4 exactly at beta = 0
         fits = [p["local_fit"] for p in partials if p.get("local_fit")]
         if fits:
             information = sum(np.asarray(f["information"]) for f in fits)
@@ -125,7 +132,7 @@ class PropensityFit:
                 return
             except np.linalg.LinAlgError:
                 pass
-        self.beta = penalized_newton_step(self.beta, _sum_logistic(partials), self.l2).beta
+        self.beta = penalized_newton_step(self.beta, at_zero, self.l2).beta
 
     def next_params(self) -> dict[str, Any]:
         if self.iterations >= self.max_rounds:
@@ -136,14 +143,28 @@ class PropensityFit:
         return {"beta": self.beta.tolist()}
 
     def absorb(self, partials: Partials) -> None:
-        total = _sum_logistic(partials)
+        update = penalized_newton_step(self.beta, _sum_logistic(partials), self.l2)
         self.iterations += 1
-        update = penalized_newton_step(self.beta, total, self.l2)
-        if update.max_abs_step < self.tolerance:
-            se = np.sqrt(np.diag(logistic_covariance(total, self.l2)))
-            self.final = {"beta": update.beta, "se": se, "loglik": total.loglik, "n": total.n}
-        else:
-            self.beta = update.beta
+        self.beta = update.beta
+        self.converged = update.max_abs_step < self.tolerance
+
+    def finish(self, partials: Partials) -> None:
+        """Take the derivatives at the final point: SEs there, and the step that would follow."""
+        total = _sum_logistic(partials)
+        after = penalized_newton_step(self.beta, total, self.l2)
+        se = np.sqrt(np.diag(logistic_covariance(total, self.l2)))
+        self.final = {
+            "beta": self.beta, "se": se, "loglik": total.loglik, "n": total.n,
+            "next_step": after.max_abs_step,
+        }
+
+    def logit_sd(self) -> float:
+        """SD of the linear predictor over all rows at the final point (exact, from X'X)."""
+        assert self.gram is not None
+        n = float(self.gram[0, 0])
+        mean = float(self.gram[0] @ self.beta) / n
+        second = float(self.beta @ self.gram @ self.beta) / n
+        return float(np.sqrt(max(second - mean * mean, 0.0) * n / (n - 1.0)))
 
     def result(self) -> dict[str, Any]:
         assert self.final is not None
@@ -156,6 +177,10 @@ class PropensityFit:
             "n": self.final["n"],
             "newton_rounds": self.iterations,
             "converged": True,
+            "convergence_check": {
+                "rule": f"Newton step below {self.tolerance:g}; SEs at the final point",
+                "max_abs_next_step": self.final["next_step"],
+            },
         }
 
 

@@ -10,6 +10,9 @@ A plan is a small state machine, independent of the transport and of Prefect:
 Round 1 carries everything one exchange can: attrition, per-arm counts, provenance, and
 for every iterative fit (coordinator/fits.py) its derivatives at a start and each site's
 own fit. Later rounds carry one step of every fit that has not converged yet, together.
+When the propensity model has converged, a last round brings its derivatives at the final
+point and, with it, every propensity-score analysis (coordinator/adjusted.py), which the
+coordinator then computes without another exchange.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator import adjusted
 from coordinator.fits import CrudeCoxFit, PropensityFit
 from shared.errors import InsufficientSites, SiteError
 from shared.protocol.messages import RoundReply, RoundRequest
@@ -39,8 +43,12 @@ class StudyPlan:
     def __post_init__(self) -> None:
         self.crude = CrudeCoxFit()
         self.fits: list[CrudeCoxFit | PropensityFit] = [self.crude]
+        self.propensity_fit: PropensityFit | None = None
         if "propensity" in self.protocol.analyses:
-            self.fits.append(PropensityFit(self.protocol))
+            self.propensity_fit = PropensityFit(self.protocol)
+            self.fits.append(self.propensity_fit)
+        self.adjusted: dict[str, Any] | None = None
+        self._final_round_done = False
 
     def next_request(self) -> RoundRequest | None:
         """The next round's request, or None when the study is complete."""
@@ -49,9 +57,24 @@ class StudyPlan:
             tasks.update({fit.task: fit.first_params() for fit in self.fits})
             return self._request("summary", tasks)
         pending = [fit for fit in self.fits if not fit.converged]
-        if not pending:
+        if pending:
+            return self._request("newton", {fit.task: fit.next_params() for fit in pending})
+        if self.propensity_fit is None or self._final_round_done:
             return None
-        return self._request("newton", {fit.task: fit.next_params() for fit in pending})
+        tasks = {"propensity": {"beta": self.propensity_fit.beta.tolist()}}
+        if self.protocol.adjusted_analyses():
+            tasks["adjusted"] = self._adjusted_params()
+        return self._request("adjusted", tasks)
+
+    def _adjusted_params(self) -> dict[str, Any]:
+        assert self.propensity_fit is not None
+        n_exposed = sum(site["n_exposed"] for site in self.sites.values())
+        n_total = n_exposed + sum(site["n_comparator"] for site in self.sites.values())
+        return {
+            "beta": self.propensity_fit.beta.tolist(),
+            "caliper": self.protocol.matching.caliper * self.propensity_fit.logit_sd(),
+            "exposed_share": n_exposed / n_total,
+        }
 
     def _request(self, name: str, tasks: dict[str, dict[str, Any]]) -> RoundRequest:
         return RoundRequest(
@@ -83,6 +106,13 @@ class StudyPlan:
                 self._absorb_summary(site_id, replies[site_id].results)
             for fit in self.fits:
                 fit.warm_start([results[fit.task] for results in ordered])
+        elif self.propensity_fit is not None and self.propensity_fit.converged and all(f.converged for f in self.fits):
+            self.propensity_fit.finish([results["propensity"] for results in ordered])
+            if "adjusted" in ordered[0]:
+                self.adjusted = adjusted.combine(
+                    self.protocol, [results["adjusted"] for results in ordered], sorted(replies)
+                )
+            self._final_round_done = True
         else:
             for fit in self.fits:
                 if fit.task in ordered[0]:
@@ -106,9 +136,27 @@ class StudyPlan:
             f"{key}_{arm}": sum(site[f"{key}_{arm}"] for site in self.sites.values())
             for key in ("n", "events", "person_days") for arm in _ARMS
         }
-        return {"crude": {**self.crude.result(), **counts}}
+        crude = {**self.crude.result(), **counts}
+        if self.adjusted is None:
+            return {"crude": crude}
+        from_tables = self.adjusted["analyses"]
+        cox_fields = ("hr", "ci_low", "ci_high", "ci_level", "log_hr", "se_log_hr", "p_value", "model", "site_stratified")
+        crude.update({k: v for k, v in from_tables["crude"].items() if k not in crude and k not in cox_fields})
+        return {"crude": crude, **{name: from_tables[name] for name in self.protocol.adjusted_analyses()}}
 
     def propensity(self) -> dict[str, Any] | None:
-        """The fitted propensity model, when the protocol asks for one."""
-        fit = next((f for f in self.fits if isinstance(f, PropensityFit)), None)
-        return None if fit is None else fit.result()
+        """The fitted propensity model (with the PS histogram when the adjusted round ran)."""
+        if self.propensity_fit is None:
+            return None
+        result = self.propensity_fit.result()
+        if self.adjusted is not None:
+            result["caliper_logit"] = self.protocol.matching.caliper * self.propensity_fit.logit_sd()
+            result["logit_sd"] = self.propensity_fit.logit_sd()
+            result["histogram"] = self.adjusted["histogram"]
+        return result
+
+    def extras(self) -> dict[str, Any]:
+        """``balance`` and ``meta`` for results.json, when the adjusted round ran."""
+        if self.adjusted is None:
+            return {}
+        return {"balance": self.adjusted["balance"], "meta": self.adjusted["meta"]}

@@ -42,6 +42,7 @@ def build_results(
         "sites": [plan.sites[site_id] for site_id in sorted(plan.sites)],
         "analyses": plan.analyses(),
         **({"propensity": propensity} if (propensity := plan.propensity()) is not None else {}),
+        **plan.extras(),
         "rounds": rounds,
         "software": software_versions(),
         **(extra or {}),

@@ -18,6 +18,7 @@ from shared.omop import STUDY_TABLES
 from shared.protocol.messages import RoundReply, RoundRequest, decode_request, is_ping
 from shared.protocol.model import StudyProtocol, parse_protocol
 from shared.stats.cox import EventTable
+from site_agent.analyses.adjusted import adjusted
 from site_agent.analyses.counts import arm_summary, attrition
 from site_agent.analyses.cox import crude_cox
 from site_agent.analyses.propensity import propensity
@@ -52,7 +53,10 @@ class _StudyState:
 
 
 _ALWAYS_ALLOWED = frozenset({"provenance", "attrition", "arm_summary"})
-_TASKS_OF_ANALYSIS = {"crude": "crude_cox", "propensity": "propensity"}
+_TASKS_OF_ANALYSIS = {
+    "crude": "crude_cox", "propensity": "propensity",
+    "matched": "adjusted", "iptw_ate": "adjusted", "iptw_att": "adjusted", "overlap": "adjusted",
+}
 
 
 def allowed_tasks(protocol: StudyProtocol) -> frozenset[str]:
@@ -199,11 +203,13 @@ class SiteAgent:
         protocol = self._protocol(request)
         state = self._state(protocol)
         limit = self.settings.policy.max_abs_coefficient
+        min_cell_count = self.settings.policy.min_cell_count
         partials = {
-            "attrition": lambda params: attrition(state.dataset.attrition, self.settings.policy.min_cell_count),
+            "attrition": lambda params: attrition(state.dataset.attrition, min_cell_count),
             "arm_summary": lambda params: arm_summary(state.events),
             "crude_cox": lambda params: crude_cox(state.events, params, limit),
             "propensity": lambda params: propensity(state.rows, params, limit),
+            "adjusted": lambda params: adjusted(state.rows, protocol, params, limit, min_cell_count),
             "provenance": lambda params: Release({
                 "input_versions": state.dataset.input_versions,
                 "dataset_version": state.dataset.delta_version,

@@ -130,7 +130,8 @@ Covariate = Annotated[
 RACE_LEVELS: tuple[str, ...] = ("black", "asian", "other")  # white is the reference level
 RESERVED_COLUMNS = frozenset({"site_id", "person_id", "treatment", "index_date", "time", "event"})
 
-AnalysisName = Literal["crude", "propensity"]
+AnalysisName = Literal["crude", "propensity", "matched", "iptw_ate", "iptw_att", "overlap"]
+ADJUSTED_ANALYSES: tuple[str, ...] = ("matched", "iptw_ate", "iptw_att", "overlap")
 
 
 class PropensityModel(_Strict):
@@ -140,6 +141,26 @@ class PropensityModel(_Strict):
         default=0.0, ge=0.0, le=1e6,
         description="L2 penalty on the coefficients (not the intercept), applied centrally.",
     )
+
+
+class Matching(_Strict):
+    """Within-site greedy nearest-neighbour matching on the logit of the global propensity score."""
+
+    ratio: int = Field(default=1, ge=1, le=10, description="Comparator persons per exposed person (1:ratio).")
+    caliper: float = Field(
+        default=0.1, gt=0.0, le=10.0,
+        description="Caliper in standard deviations of the logit of the propensity score over all sites.",
+    )
+
+
+class Weighting(_Strict):
+    """Propensity-score weights (IPTW for the ATE and ATT, overlap weights)."""
+
+    stabilized: bool = Field(default=False, description="Stabilize the ATE weights by the arms' pooled shares.")
+    trim: float = Field(
+        default=0.0, ge=0.0, lt=0.5, description="Drop rows with a propensity score outside [trim, 1 - trim]."
+    )
+    truncate_at: float | None = Field(default=None, gt=1.0, description="Cap every weight at this value.")
 
 
 class StudyProtocol(_Strict):
@@ -158,6 +179,15 @@ class StudyProtocol(_Strict):
     covariate_window: DayWindow = Field(description="Days before index where covariates are measured.")
     covariates: list[Covariate] = Field(default_factory=list)
     propensity: PropensityModel = PropensityModel()
+    matching: Matching = Matching()
+    weighting: Weighting = Weighting()
+    risk_horizon_days: int | None = Field(
+        default=None, ge=1, le=36_500,
+        description="Day at which risks are read off the Kaplan-Meier curves (default: end of time at risk).",
+    )
+    ph_check_cut_days: list[int] | None = Field(
+        default=None, description="Days splitting follow-up into windows for the PH check (default: thirds).",
+    )
     analyses: list[AnalysisName] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -179,7 +209,34 @@ class StudyProtocol(_Strict):
             )
         if self.covariate_window.end_day >= 0:
             raise ValueError("covariate_window.end_day must be < 0 (covariates precede index)")
+        adjusted = sorted(set(self.analyses) & set(ADJUSTED_ANALYSES))
+        if adjusted and "propensity" not in self.analyses:
+            raise ValueError(f"analyses {adjusted} use the propensity score: add 'propensity' to analyses")
+        if adjusted and not self.covariates:
+            raise ValueError(f"analyses {adjusted} need covariates for the propensity model; add some")
+        if len(set(self.analyses)) != len(self.analyses):
+            raise ValueError(f"analyses {self.analyses} repeat a name; list each once")
+        cuts = self.cut_days()
+        if cuts != sorted(set(cuts)) or any(not 1 <= c < self.time_at_risk.end_day for c in cuts):
+            raise ValueError(
+                f"ph_check_cut_days {cuts} must increase strictly and lie in 1..{self.time_at_risk.end_day - 1}"
+            )
         return self
+
+    def adjusted_analyses(self) -> list[str]:
+        """The propensity-score analyses, in the order the protocol lists them."""
+        return [name for name in self.analyses if name in ADJUSTED_ANALYSES]
+
+    def horizon_days(self) -> int:
+        """The day risks are read at."""
+        return self.risk_horizon_days or self.time_at_risk.end_day
+
+    def cut_days(self) -> list[int]:
+        """Days splitting follow-up into windows for the proportional-hazards check."""
+        if self.ph_check_cut_days is not None:
+            return list(self.ph_check_cut_days)
+        end = self.time_at_risk.end_day
+        return sorted({max(1, round(end / 3)), max(1, round(2 * end / 3))} - {end}) if end > 2 else []
 
     def covariate_columns(self) -> list[str]:
         """Columns the covariates become in the analysis dataset, in protocol order."""

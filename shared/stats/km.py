@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import stats
 
+from shared.errors import ConvergenceError
 from shared.stats.cox import EventTable
 
 FloatArray = NDArray[np.float64]
@@ -21,8 +22,9 @@ FloatArray = NDArray[np.float64]
 def merge_event_tables(tables: list[EventTable]) -> EventTable:
     """The pooled table: counts summed day by day over the union of the days."""
     days = np.unique(np.concatenate([t.time for t in tables]))
-    events = np.zeros((2, len(days)), dtype=np.int64)
-    exits = np.zeros((2, len(days)), dtype=np.int64)
+    dtype = np.result_type(*(t.events for t in tables), *(t.exits for t in tables))  # float when weighted
+    events = np.zeros((2, len(days)), dtype=dtype)
+    exits = np.zeros((2, len(days)), dtype=dtype)
     for table in tables:
         position = np.searchsorted(days, table.time)
         events[:, position] += table.events
@@ -40,11 +42,23 @@ class KaplanMeier:
     survival: FloatArray
     ci_low: FloatArray
     ci_high: FloatArray
+    greenwood: FloatArray  # cumulative sum of d / (n (n - d)); Var S = S^2 x this
+
+    def _index(self, day: float) -> int:
+        return int(np.searchsorted(self.time, day, side="right")) - 1
 
     def survival_at(self, day: float) -> float:
         """S(day): the estimate at the last event day on or before ``day``."""
-        index = int(np.searchsorted(self.time, day, side="right")) - 1
+        index = self._index(day)
         return 1.0 if index < 0 else float(self.survival[index])
+
+    def at(self, day: float) -> tuple[float, float, float, float]:
+        """S(day), its Greenwood variance and the pointwise CI at ``day``."""
+        index = self._index(day)
+        if index < 0:
+            return 1.0, 0.0, 1.0, 1.0
+        s = float(self.survival[index])
+        return s, s * s * float(self.greenwood[index]), float(self.ci_low[index]), float(self.ci_high[index])
 
 
 def kaplan_meier(table: EventTable, arm: int, level: float = 0.95) -> KaplanMeier:
@@ -64,7 +78,7 @@ def kaplan_meier(table: EventTable, arm: int, level: float = 0.95) -> KaplanMeie
     defined = (survival > 0) & (survival < 1)
     return KaplanMeier(
         table.time[has_event], at_risk_all[has_event], table.events[arm][has_event], survival,
-        np.where(defined, low, survival), np.where(defined, high, survival),
+        np.where(defined, low, survival), np.where(defined, high, survival), greenwood,
     )
 
 
@@ -91,5 +105,10 @@ def logrank_test(table: EventTable) -> LogRank:
         variance_terms = np.where(n > 1, d * (n1 / n) * (1.0 - n1 / n) * (n - d) / (n - 1.0), 0.0)
     variance = float(np.sum(variance_terms))
     observed = float(table.events[1][used].sum())
+    if not variance > 0:
+        raise ConvergenceError(
+            "the log-rank test is undefined: no event day has persons at risk in both arms. "
+            "Fix: check that both arms have follow-up and events."
+        )
     statistic = (observed - expected) ** 2 / variance
     return LogRank(observed, expected, variance, statistic, float(stats.chi2.sf(statistic, 1)))

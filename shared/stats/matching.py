@@ -80,3 +80,36 @@ def caliper_width(logit_sum: float, logit_sum_squares: float, n: int, ratio: flo
     mean = logit_sum / n
     variance = max(logit_sum_squares / n - mean * mean, 0.0) * n / (n - 1)
     return ratio * float(np.sqrt(variance))
+
+
+def greedy_match_sets(
+    treated_id: NDArray[np.int64],
+    treated_logit: NDArray[np.float64],
+    control_id: NDArray[np.int64],
+    control_logit: NDArray[np.float64],
+    caliper: float,
+    ratio: int = 1,
+) -> dict[int, list[int]]:
+    """Matched sets ``{treated person id: [control ids]}`` with up to ``ratio`` controls each.
+
+    Matching runs in ``ratio`` passes (as CohortMethod's greedy matching does): each pass
+    gives every treated person still in the running one more control, by the rules of
+    :func:`greedy_match`, from the controls nobody has taken yet. A treated person without
+    a control in the first pass is left out.
+    """
+    sets: dict[int, list[int]] = {}
+    treated = np.ones(len(treated_id), dtype=bool)
+    free = np.ones(len(control_id), dtype=bool)
+    position = {int(c): i for i, c in enumerate(control_id)}
+    for _ in range(ratio):
+        pairs = greedy_match(
+            treated_id[treated], treated_logit[treated], control_id[free], control_logit[free], caliper
+        )
+        if not pairs:
+            break
+        for person, control in pairs:
+            sets.setdefault(person, []).append(control)
+            free[position[control]] = False
+        matched = {person for person, _ in pairs}
+        treated &= np.isin(treated_id, list(matched))
+    return sets

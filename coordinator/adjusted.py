@@ -1,0 +1,263 @@
+"""Central half of the propensity-score analyses (the site half: site_agent/analyses/adjusted.py).
+
+From every site's aggregates of the adjusted round this computes, with no further
+exchange: covariate balance before and after matching/weighting, the Cox hazard ratio
+(site-stratified weighted Breslow with robust variance, or stratified by matched set),
+Kaplan-Meier curves per arm, the log-rank test, risks at the horizon with their ratio
+and difference, crude rates, the proportional-hazards check, per-site estimates and
+their meta-analysis, and the propensity-score histogram with a binned c-statistic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from shared.errors import ConvergenceError
+from shared.protocol.model import StudyProtocol
+from shared.stats.balance import ArmMoments, standardized_differences
+from shared.stats.cox import EventTable
+from shared.stats.inference import wald_ratio
+from shared.stats.km import KaplanMeier, kaplan_meier, logrank_test, merge_event_tables
+from shared.stats.matched_cox import configurations_from_json, fit_matched_cox
+from shared.stats.meta import meta_analysis
+from shared.stats.risks import contrast_risks, rate_per_1000_person_years, risk_at
+from shared.stats.stratified_cox import (
+    WeightSquares,
+    equality_test,
+    fit_stratified_cox,
+    ph_windows_check,
+)
+
+Partials = list[dict[str, Any]]  # the "adjusted" task's values from every site, in site order
+_ARMS = ((1, "exposed"), (0, "comparator"))
+
+DESCRIPTIONS = {
+    "crude": "all rows, unweighted",
+    "matched": "1:{ratio} greedy nearest-neighbour matching within site on the logit of the propensity "
+               "score, caliper {caliper} SD of the logit over all sites; comparator rows weighted 1/set size",
+    "iptw_ate": "inverse probability of treatment weights for the ATE ({stabilized})",
+    "iptw_att": "inverse probability of treatment weights for the ATT (exposed 1, comparator e/(1-e))",
+    "overlap": "overlap weights (exposed 1-e, comparator e)",
+}
+
+
+def _tables(part: dict[str, Any]) -> tuple[EventTable, WeightSquares]:
+    table = part["table"]
+    arrays = {name: np.asarray(table[name], dtype=np.float64).reshape(2, -1) for name in
+              ("events", "exits", "events_sq", "censored_sq")}
+    time = np.asarray(table["time"])  # days (ints) from sites; any ordered numbers work
+    return (
+        EventTable(time, arrays["events"], arrays["exits"]),  # type: ignore[arg-type]
+        WeightSquares(arrays["events_sq"], arrays["censored_sq"]),
+    )
+
+
+def _curve_json(curve: KaplanMeier) -> dict[str, list[float]]:
+    return {
+        "time": curve.time.tolist(), "at_risk": np.asarray(curve.at_risk, dtype=float).tolist(),
+        "events": np.asarray(curve.events, dtype=float).tolist(), "survival": curve.survival.tolist(),
+        "ci_low": curve.ci_low.tolist(), "ci_high": curve.ci_high.tolist(),
+    }
+
+
+def _cox(name: str, parts: list[dict[str, Any]], window: int | None = None) -> tuple[float, float, str]:
+    """(log HR, SE, variance label) of one analysis over the given sites' parts."""
+    if name == "matched":
+        counts = sum((configurations_from_json(p["configurations"]) for p in parts), start=configurations_from_json([]))
+        fit = fit_matched_cox(counts, window)
+        return fit.log_hr, fit.se, "model-based, conditional on the matched set"
+    tables, squares = zip(*(_tables(p) for p in parts), strict=True)
+    weighted = name != "crude"
+    result = fit_stratified_cox(list(tables), list(squares) if weighted else None, what=f"the {name} Cox model")
+    return result.log_hr, result.se, "robust sandwich (Lin-Wei), weights as fixed" if weighted else "model-based"
+
+
+def _ph_check(name: str, parts: list[dict[str, Any]], cuts: list[int]) -> dict[str, Any]:
+    if not cuts:
+        return {"method": "none: the time at risk is too short to split"}
+    try:
+        if name == "matched":
+            fits = [_cox(name, parts, window) for window in range(len(cuts) + 1)]
+            log_hrs, ses = [f[0] for f in fits], [f[1] for f in fits]
+            statistic, _, p_value = equality_test(log_hrs, ses)
+            edges: list[int | None] = [0, *cuts, None]
+            windows = [[edges[i], edges[i + 1]] for i in range(len(cuts) + 1)]
+        else:
+            tables, squares = zip(*(_tables(p) for p in parts), strict=True)
+            check = ph_windows_check(list(tables), list(squares) if name != "crude" else None, [float(c) for c in cuts])
+            windows = [[int(a), None if b == float("inf") else int(b)] for a, b in check.windows]
+            statistic, p_value, log_hrs, ses = check.statistic, check.p_value, check.log_hr, check.se
+    except ConvergenceError as error:
+        return {"method": "hazard ratios in follow-up windows", "cut_days": cuts, "error": str(error)}
+    return {
+        "method": "hazard ratios in follow-up windows; Wald test of their equality",
+        "cut_days": cuts,
+        "windows": [
+            {"start_day": w[0], "end_day": w[1], "hr": float(np.exp(b)), "log_hr": b, "se_log_hr": s}
+            for w, b, s in zip(windows, log_hrs, ses, strict=True)
+        ],
+        "statistic": statistic, "df": len(cuts), "p_value": p_value,
+    }
+
+
+def _describe(name: str, protocol: StudyProtocol) -> str:
+    stabilized = "stabilized" if protocol.weighting.stabilized else "not stabilized"
+    text = DESCRIPTIONS[name].format(
+        ratio=protocol.matching.ratio, caliper=protocol.matching.caliper, stabilized=stabilized
+    )
+    if name.startswith("iptw") or name == "overlap":
+        if protocol.weighting.trim:
+            text += f"; rows with a score outside [{protocol.weighting.trim}, {1 - protocol.weighting.trim}] dropped"
+        if protocol.weighting.truncate_at:
+            text += f"; weights capped at {protocol.weighting.truncate_at}"
+    return text
+
+
+def analysis_result(name: str, parts: list[dict[str, Any]], protocol: StudyProtocol) -> dict[str, Any]:
+    """One analysis's estimates over all sites (``parts``: its values from every site)."""
+    total = {key: np.sum([p[key] for p in parts], axis=0).tolist() for key in
+             ("n", "events", "person_days", "weight", "weighted_events", "weighted_person_days")}
+    log_hr, se, variance = _cox(name, parts)
+    ratio = wald_ratio(log_hr, se)
+    pooled = merge_event_tables([_tables(p)[0] for p in parts])
+    curves = {label: kaplan_meier(pooled, arm) for arm, label in _ARMS}
+    horizon = protocol.horizon_days()
+    risks = {label: risk_at(curves[label], horizon) for _, label in _ARMS}
+    contrast = contrast_risks(risks["exposed"], risks["comparator"])
+    logrank = logrank_test(pooled)
+    result: dict[str, Any] = {
+        "weights": _describe(name, protocol),
+        "stabilized_weights": protocol.weighting.stabilized if name == "iptw_ate" else False,
+        "model": "Cox proportional hazards, Breslow ties, treatment only, "
+                 + ("stratified by matched set" if name == "matched" else "stratified by site"),
+        "site_stratified": name != "matched",
+        "matched_set_stratified": name == "matched",
+        "variance": variance,
+        "hr": ratio.estimate, "ci_low": ratio.ci_low, "ci_high": ratio.ci_high, "ci_level": ratio.level,
+        "log_hr": ratio.log_estimate, "se_log_hr": ratio.se, "p_value": ratio.p_value,
+    }
+    for arm, label in _ARMS:
+        result[f"n_{label}"] = int(total["n"][arm])
+        result[f"events_{label}"] = int(total["events"][arm])
+        result[f"person_days_{label}"] = int(total["person_days"][arm])
+        result[f"weighted_n_{label}"] = total["weight"][arm]
+        result[f"weighted_events_{label}"] = total["weighted_events"][arm]
+        result[f"rate_per_1000py_{label}"] = rate_per_1000_person_years(
+            total["weighted_events"][arm], total["weighted_person_days"][arm]
+        )
+    for _, label in _ARMS:
+        risk = risks[label]
+        result[f"risk_{label}"] = risk.risk
+        result[f"risk_{label}_ci_low"], result[f"risk_{label}_ci_high"] = risk.ci_low, risk.ci_high
+    result.update({
+        "horizon_days": horizon,
+        **contrast.to_json(),
+        "logrank_p": logrank.p_value, "logrank_statistic": logrank.statistic,
+        "km": {label: _curve_json(curves[label]) for _, label in _ARMS},
+        "ph_check": _ph_check(name, parts, protocol.cut_days()),
+    })
+    return result
+
+
+def _guarded_result(name: str, parts: list[dict[str, Any]], protocol: StudyProtocol) -> dict[str, Any]:
+    """The analysis's result, or its counts and the reason it has no estimate (never NaN)."""
+    try:
+        return analysis_result(name, parts, protocol)
+    except ConvergenceError as error:
+        counts = {key: np.sum([p[key] for p in parts], axis=0).tolist() for key in ("n", "events")}
+        return {
+            "weights": _describe(name, protocol), "error": str(error),
+            **{f"{key}_{label}": int(counts[key][arm]) for key in ("n", "events") for arm, label in _ARMS},
+        }
+
+
+def balance(names: list[str], by_analysis: dict[str, list[dict[str, Any]]], columns: list[str]) -> dict[str, Any]:
+    """SMD per covariate before (all rows) and after each matching/weighting."""
+    out: dict[str, Any] = {"smd_definition": "(mean_exposed - mean_comparator) / sqrt((var_exposed + "
+                           "var_comparator) / 2), weighted variances dividing by the sum of weights",
+                           "covariates": {column: {} for column in columns}, "max_abs_smd": {}}
+    for name in names:
+        label = "before" if name == "crude" else name
+        moments = sum((ArmMoments.from_json(p["moments"]) for p in by_analysis[name][1:]),
+                      start=ArmMoments.from_json(by_analysis[name][0]["moments"]))
+        if not np.all(moments.weight > 0):
+            out["max_abs_smd"][label] = None
+            for column in columns:
+                out["covariates"][column][label] = None
+            out.setdefault("notes", {})[label] = "not computed: an arm has no rows after matching/weighting"
+            continue
+        result = standardized_differences(moments)
+        for i, column in enumerate(columns):
+            out["covariates"][column][label] = {
+                "mean_exposed": float(result.mean_exposed[i]), "mean_comparator": float(result.mean_comparator[i]),
+                "smd": float(result.smd[i]),
+            }
+        out["max_abs_smd"][label] = float(np.max(np.abs(result.smd))) if len(columns) else 0.0
+    return out
+
+
+def propensity_histogram(partials: Partials) -> dict[str, Any]:
+    """Summed per-arm PS histograms (None where a site suppressed a cell) and the c-statistic.
+
+    The c-statistic reported is exact over exposed-comparator pairs within a site (the pairs
+    matching can form): the sites' Mann-Whitney counts summed. The c-statistic over all
+    pairs, across sites too, is approximated from the histograms when no cell is suppressed.
+    """
+    edges = partials[0]["histogram"]["edges"]
+    summed: dict[str, list[int | None]] = {}
+    for label in ("exposed", "comparator"):
+        columns = zip(*(p["histogram"][label] for p in partials), strict=True)
+        summed[label] = [None if any(c is None for c in column) else int(sum(column)) for column in columns]
+    pairs = sum(p["c_statistic"]["pairs"] for p in partials)
+    result: dict[str, Any] = {
+        "edges": edges, **summed,
+        "c_statistic": sum(p["c_statistic"]["concordance"] for p in partials) / pairs if pairs else None,
+        "c_statistic_definition": "exact, over exposed-comparator pairs within the same site (ties count 1/2)",
+    }
+    if any(c is None for label in summed for c in summed[label]):
+        result["c_statistic_all_pairs"] = None
+        result["c_statistic_all_pairs_note"] = "not computed: a site suppressed small histogram cells"
+        return result
+    exposed = np.array(summed["exposed"], dtype=float)
+    comparator = np.array(summed["comparator"], dtype=float)
+    all_pairs = exposed.sum() * comparator.sum()
+    below = np.cumsum(comparator) - comparator
+    tied = float(np.sum(exposed * comparator))
+    result["c_statistic_all_pairs"] = (float(np.sum(exposed * below)) + 0.5 * tied) / all_pairs
+    result["c_statistic_all_pairs_max_error"] = 0.5 * tied / all_pairs
+    result["c_statistic_all_pairs_note"] = "approximate: from the binned scores; pairs in one bin count 1/2"
+    return result
+
+
+def meta(names: list[str], by_analysis: dict[str, list[dict[str, Any]]], site_ids: list[str]) -> dict[str, Any]:
+    """Each site's own estimate per analysis and their fixed/random-effects meta-analysis."""
+    out: dict[str, Any] = {}
+    for name in names:
+        sites: list[dict[str, Any]] = []
+        excluded: list[dict[str, str]] = []
+        for site_id, part in zip(site_ids, by_analysis[name], strict=True):
+            try:
+                log_hr, se, _ = _cox(name, [part])
+            except ConvergenceError as error:
+                excluded.append({"site_id": site_id, "reason": str(error)})
+                continue
+            sites.append({"site_id": site_id, "log_hr": log_hr, "se_log_hr": se, "hr": float(np.exp(log_hr))})
+        entry: dict[str, Any] = {"sites": sites, "excluded": excluded}
+        if sites:
+            entry.update(meta_analysis([s["log_hr"] for s in sites], [s["se_log_hr"] for s in sites]).to_json())
+        out[name] = entry
+    return out
+
+
+def combine(protocol: StudyProtocol, partials: Partials, site_ids: list[str]) -> dict[str, Any]:
+    """Everything the adjusted round gives: analyses, balance, PS histogram, meta-analysis."""
+    names = ["crude", *protocol.adjusted_analyses()]
+    by_analysis = {name: [p["analyses"][name] for p in partials] for name in names}
+    return {
+        "analyses": {name: _guarded_result(name, by_analysis[name], protocol) for name in names},
+        "balance": balance(names, by_analysis, protocol.covariate_columns()),
+        "histogram": propensity_histogram(partials),
+        "meta": meta(names, by_analysis, site_ids),
+    }

@@ -1,0 +1,159 @@
+"""Site-stratified Cox model with a binary treatment, fitted centrally from event tables.
+
+With one binary covariate, a stratum's (weighted) :class:`~shared.stats.cox.EventTable`
+is a sufficient statistic for the Breslow partial likelihood, so the coordinator fits
+the model on the sites' tables without another exchange. For weighted fits the site also
+sends the sums of squared weights per day, arm and status (:class:`WeightSquares`): a
+row's score residual depends only on its arm, exit day and status, so the robust
+sandwich meat ``sum_i w_i^2 U_i^2`` (Lin & Wei 1989; R's ``coxph(..., robust = TRUE)``)
+is exact from those sums.
+
+The proportional-hazards check fits one log HR per window of follow-up (``days`` in
+:func:`fit_stratified_cox`); the partial likelihood factorises over event days, so the
+window fits are independent and a Wald test of their equality is the check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import stats
+
+from shared.errors import ConvergenceError
+from shared.stats.cox import EventTable
+from shared.stats.newton import maximize_1d
+
+FloatArray = NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class WeightSquares:
+    """Per day and arm (as the event table): sums of squared weights of events and of censored exits."""
+
+    events: FloatArray  # shape (2, len(time))
+    censored: FloatArray  # shape (2, len(time))
+
+
+def _event_day_mask(table: EventTable, days: tuple[float, float] | None) -> NDArray[np.bool_]:
+    has_event = table.events.sum(axis=0) > 0
+    if days is None:
+        return np.asarray(has_event)
+    return np.asarray(has_event & (table.time >= days[0]) & (table.time < days[1]))
+
+
+def _share(table: EventTable, beta: float, mask: NDArray[np.bool_]) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """At the masked event days: events (all arms), exposed share of the risk, and S0."""
+    at_risk = table.at_risk.astype(np.float64)[:, mask]
+    s0 = at_risk[0] + at_risk[1] * np.exp(beta)
+    return table.events.sum(axis=0).astype(np.float64)[mask], at_risk[1] * np.exp(beta) / s0, s0
+
+
+def stratum_derivatives(table: EventTable, beta: float, days: tuple[float, float] | None = None) -> FloatArray:
+    """(log partial likelihood, score, information) of one stratum at ``beta``."""
+    mask = _event_day_mask(table, days)
+    deaths, share, s0 = _share(table, beta, mask)
+    exposed_deaths = table.events[1].astype(np.float64)[mask]
+    return np.array([
+        float(np.sum(exposed_deaths * beta - deaths * np.log(s0))),
+        float(np.sum(exposed_deaths - deaths * share)),
+        float(np.sum(deaths * share * (1.0 - share))),
+    ])
+
+
+def stratum_meat(
+    table: EventTable, squares: WeightSquares, beta: float, days: tuple[float, float] | None = None
+) -> float:
+    """``sum_i w_i^2 U_i^2`` for one stratum, U_i the row's score residual at ``beta``."""
+    mask = _event_day_mask(table, days)
+    deaths_all, share_all, s0_all = np.zeros(len(table.time)), np.zeros(len(table.time)), np.ones(len(table.time))
+    deaths_all[mask], share_all[mask], s0_all[mask] = _share(table, beta, mask)
+    hazard = np.where(mask, deaths_all / s0_all, 0.0)  # Breslow increments of the baseline
+    meat = 0.0
+    for arm in (0, 1):
+        residual_at_event = np.where(mask, arm - share_all, 0.0)
+        # Compensator up to and including each day: risk of the row times its centred covariate.
+        compensator = np.cumsum((arm - share_all) * np.exp(beta * arm) * hazard)
+        on_event = residual_at_event - compensator
+        meat += float(np.sum(squares.events[arm] * on_event**2 + squares.censored[arm] * compensator**2))
+    return meat
+
+
+@dataclass(frozen=True)
+class StratifiedCoxFit:
+    """Log HR, its model-based and (when weighted) robust SE, and the fit's bookkeeping."""
+
+    log_hr: float
+    se_model: float
+    se_robust: float | None
+    loglik: float
+    iterations: int
+
+    @property
+    def se(self) -> float:
+        """The SE to report: robust when the fit is weighted."""
+        return self.se_model if self.se_robust is None else self.se_robust
+
+
+def fit_stratified_cox(
+    tables: list[EventTable],
+    squares: list[WeightSquares] | None = None,
+    days: tuple[float, float] | None = None,
+    tolerance: float = 1e-12,
+    max_iter: int = 100,
+    what: str = "the Cox model",
+) -> StratifiedCoxFit:
+    """Newton-Raphson over the strata's summed derivatives (all central, no exchanges)."""
+    def totals(b: float) -> tuple[float, float, float]:
+        loglik, score, information = sum((stratum_derivatives(t, b, days) for t in tables), np.zeros(3))
+        return float(loglik), float(score), float(information)
+
+    events = [float(t.events[arm][_event_day_mask(t, days)].sum()) for t in tables for arm in (0, 1)]
+    exposed_events, comparator_events = sum(events[1::2]), sum(events[0::2])
+    if exposed_events == 0 or comparator_events == 0:
+        raise ConvergenceError(
+            f"{what} has no finite estimate: {exposed_events:g} exposed and {comparator_events:g} "
+            f"comparator events{'' if days is None else f' in days {days[0]:g}-{days[1]:g}'}. Fix: "
+            f"lengthen the time at risk or widen the cohort; an arm without events has no hazard ratio."
+        )
+    beta, iterations = maximize_1d(totals, what, tolerance, max_iter)
+    loglik, _, information = totals(beta)
+    robust = None
+    if squares is not None:
+        meat = sum(stratum_meat(t, s, beta, days) for t, s in zip(tables, squares, strict=True))
+        robust = float(np.sqrt(meat) / information)
+    return StratifiedCoxFit(beta, float(np.sqrt(1.0 / information)), robust, float(loglik), iterations)
+
+
+@dataclass(frozen=True)
+class ProportionalHazardsCheck:
+    """Log HR per window of follow-up and the Wald test that they are equal."""
+
+    windows: list[tuple[float, float]]
+    log_hr: list[float]
+    se: list[float]
+    statistic: float
+    df: int
+    p_value: float
+
+
+def equality_test(log_hr: list[float], se: list[float]) -> tuple[float, int, float]:
+    """Wald test that independent log HRs are equal: (chi-square, df, p)."""
+    estimates, precision = np.asarray(log_hr), 1.0 / np.asarray(se) ** 2
+    common = float(np.sum(precision * estimates) / np.sum(precision))
+    statistic = float(np.sum(precision * (estimates - common) ** 2))
+    df = len(estimates) - 1
+    return statistic, df, float(stats.chi2.sf(statistic, df))
+
+
+def ph_windows_check(
+    tables: list[EventTable], squares: list[WeightSquares] | None, cuts: list[float]
+) -> ProportionalHazardsCheck:
+    """Fit the log HR in each window between ``cuts`` and test the windows' equality."""
+    edges = [0.0, *cuts, float("inf")]
+    windows = list(pairwise(edges))
+    fits = [fit_stratified_cox(tables, squares, w, what=f"the Cox model in days {w[0]:g}-{w[1]:g}") for w in windows]
+    log_hr, se = [f.log_hr for f in fits], [f.se for f in fits]
+    return ProportionalHazardsCheck(windows, log_hr, se, *equality_test(log_hr, se))

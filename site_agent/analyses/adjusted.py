@@ -1,0 +1,159 @@
+"""Partial computation of the propensity-score analyses: matching, weighting, balance, tables.
+
+One round, once the global propensity model has converged. With the model's coefficients,
+the caliper (in logit units, from the coordinator's pooled moments) and the pooled share
+of exposed rows, the site scores its rows, matches within itself, weights, and reduces
+every analysis to aggregates: per-arm covariate moments (balance), a (weighted) event
+table with the sums of squared weights (KM, log-rank, weighted Cox with robust variance),
+and for matching the risk-set configurations of the matched sets (Cox stratified by set).
+The coordinator's half is ``coordinator/adjusted.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.special import expit
+from scipy.stats import rankdata
+
+from shared.errors import ProtocolError
+from shared.protocol.model import StudyProtocol
+from shared.stats.balance import arm_moments
+from shared.stats.matched_cox import configurations_to_json, risk_set_configurations
+from shared.stats.matching import greedy_match_sets
+from shared.stats.weights import propensity_weights
+from site_agent.analyses.limits import check_coefficients
+from site_agent.analyses.release import Release
+from site_agent.analyses.rows import AnalysisRows
+
+HISTOGRAM_BINS = 20  # propensity-score histogram per arm: bins of 0.05 on [0, 1]
+_ESTIMAND = {"iptw_ate": "ate", "iptw_att": "att", "overlap": "overlap"}
+
+
+def event_table_json(rows: AnalysisRows, weight: NDArray[np.float64]) -> dict[str, Any]:
+    """Weighted events and exits per day and arm, and the squared-weight sums, of rows with w > 0."""
+    keep = weight > 0
+    time, arm = rows.time[keep], rows.treatment[keep].astype(np.int64)
+    event, w = rows.event[keep].astype(np.float64), weight[keep]
+    days = np.unique(time)
+    position = np.searchsorted(days, time)
+    tables = {name: np.zeros((2, len(days))) for name in ("events", "exits", "events_sq", "censored_sq")}
+    np.add.at(tables["events"], (arm, position), w * event)
+    np.add.at(tables["exits"], (arm, position), w)
+    np.add.at(tables["events_sq"], (arm, position), w * w * event)
+    np.add.at(tables["censored_sq"], (arm, position), w * w * (1.0 - event))
+    return {"time": days.tolist(), **{name: table.tolist() for name, table in tables.items()}}
+
+
+def _arm_counts(rows: AnalysisRows, weight: NDArray[np.float64]) -> dict[str, list[float]]:
+    keep = weight > 0
+    arms = [keep & (rows.treatment == arm) for arm in (0, 1)]
+    return {
+        "n": [int(a.sum()) for a in arms],
+        "events": [int(rows.event[a].sum()) for a in arms],
+        "person_days": [int(rows.time[a].sum()) for a in arms],
+        "weight": [float(weight[a].sum()) for a in arms],
+        "weighted_events": [float((weight * rows.event)[a].sum()) for a in arms],
+        "weighted_person_days": [float((weight * rows.time)[a].sum()) for a in arms],
+    }
+
+
+def _histogram(score: NDArray[np.float64], treatment: NDArray[np.float64], min_cell_count: int) -> dict[str, Any]:
+    """Counts per bin and arm, small counts suppressed (None) so that none can be derived.
+
+    A count from 1 to ``min_cell_count - 1`` is suppressed; since the arm's total is
+    released elsewhere, further cells are suppressed (smallest first) until the suppressed
+    cells of an arm hold at least ``min_cell_count`` persons together (or none).
+    """
+    edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
+    shown: list[list[int | None]] = []
+    for arm in (0, 1):
+        counts = np.histogram(score[treatment == arm], bins=edges)[0]
+        hidden = (counts > 0) & (counts < min_cell_count)
+        while 0 < counts[hidden].sum() < min_cell_count and (candidates := np.flatnonzero(~hidden & (counts > 0))).size:
+            hidden[candidates[np.argmin(counts[candidates])]] = True
+        shown.append([None if h else int(c) for c, h in zip(counts, hidden, strict=True)])
+    return {"edges": edges.tolist(), "comparator": shown[0], "exposed": shown[1]}
+
+
+def within_site_c_statistic(score: NDArray[np.float64], treatment: NDArray[np.float64]) -> dict[str, float]:
+    """The site's own c-statistic (Mann-Whitney, ties one half) and its number of pairs."""
+    exposed, comparator = int(treatment.sum()), int(len(treatment) - treatment.sum())
+    if exposed == 0 or comparator == 0:
+        return {"pairs": 0.0, "concordance": 0.0}
+    ranks = rankdata(score)
+    concordant = float(ranks[treatment == 1].sum()) - exposed * (exposed + 1) / 2.0
+    return {"pairs": float(exposed) * comparator, "concordance": concordant}
+
+
+def matched_weights(rows: AnalysisRows, logit: NDArray[np.float64], caliper: float, ratio: int) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    """Weight per row (exposed 1, comparator 1 / its set's size, unmatched 0) and set id (-1 unmatched)."""
+    exposed = rows.treatment == 1
+    sets = greedy_match_sets(
+        rows.person_id[exposed], logit[exposed], rows.person_id[~exposed], logit[~exposed], caliper, ratio
+    )
+    row_of = {int(p): i for i, p in enumerate(rows.person_id)}
+    weight = np.zeros(len(rows.person_id))
+    set_id = np.full(len(rows.person_id), -1, dtype=np.int64)
+    for person, controls in sets.items():
+        weight[row_of[person]] = 1.0
+        set_id[row_of[person]] = person
+        for control in controls:
+            weight[row_of[control]] = 1.0 / len(controls)
+            set_id[row_of[control]] = person
+    return weight, set_id
+
+
+def adjusted(
+    rows: AnalysisRows, protocol: StudyProtocol, params: dict[str, Any], max_abs_coefficient: float, min_cell_count: int
+) -> Release:
+    """Every propensity-score analysis of the protocol on this site's rows, as aggregates."""
+    beta = np.asarray(params["beta"], dtype=np.float64)
+    if beta.shape != (rows.design.shape[1],):
+        raise ProtocolError(
+            f"adjusted round: beta has {beta.size} values but the design has {rows.design.shape[1]} "
+            f"columns. Fix: run the same protocol and fedrwe version everywhere."
+        )
+    check_coefficients("propensity", beta, max_abs_coefficient)
+    caliper, exposed_share = float(params["caliper"]), float(params["exposed_share"])
+    logit = rows.design @ beta
+    score = expit(logit)
+    covariates = rows.design[:, 1:]
+    treatment = rows.treatment.astype(np.int64)
+    cuts = protocol.cut_days()
+    values: dict[str, Any] = {
+        "histogram": _histogram(score, rows.treatment, min_cell_count),
+        "c_statistic": within_site_c_statistic(score, rows.treatment),
+        "analyses": {},
+    }
+    counts: dict[str, int] = {}
+    everyone = np.ones(len(treatment))
+    for name in ("crude", *protocol.adjusted_analyses()):
+        set_id = None
+        if name == "crude":
+            weight = everyone
+        elif name == "matched":
+            weight, set_id = matched_weights(rows, logit, caliper, protocol.matching.ratio)
+        else:
+            weight = propensity_weights(
+                score, rows.treatment, _ESTIMAND[name],  # type: ignore[arg-type]
+                stabilized=protocol.weighting.stabilized, exposed_share=exposed_share,
+                trim=protocol.weighting.trim, truncate_at=protocol.weighting.truncate_at,
+            )
+        part: dict[str, Any] = {
+            **_arm_counts(rows, weight),
+            "moments": arm_moments(covariates, treatment, weight).to_json(),
+            "table": event_table_json(rows, weight),
+        }
+        if set_id is not None:
+            matched = set_id >= 0
+            part["configurations"] = configurations_to_json(risk_set_configurations(
+                set_id[matched], treatment[matched], rows.time[matched], rows.event[matched], cuts,
+            ))
+        values["analyses"][name] = part
+        for arm, label in ((0, "comparator"), (1, "exposed")):
+            counts[f"{name}.n_{label}"] = part["n"][arm]
+            counts[f"{name}.events_{label}"] = part["events"][arm]
+    return Release(values, counts)
