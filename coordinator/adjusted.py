@@ -19,7 +19,7 @@ from shared.protocol.model import StudyProtocol
 from shared.stats.balance import ArmMoments, standardized_differences
 from shared.stats.cox import EventTable
 from shared.stats.inference import wald_ratio
-from shared.stats.km import KaplanMeier, kaplan_meier, logrank_test, merge_event_tables
+from shared.stats.km import KaplanMeier, kaplan_meier, logrank_test
 from shared.stats.matched_cox import configurations_from_json, fit_matched_cox
 from shared.stats.meta import meta_analysis
 from shared.stats.risks import contrast_risks, rate_per_1000_person_years, risk_at
@@ -52,6 +52,17 @@ def _tables(part: dict[str, Any]) -> tuple[EventTable, WeightSquares]:
         EventTable(time, arrays["events"], arrays["exits"]),  # type: ignore[arg-type]
         WeightSquares(arrays["events_sq"], arrays["censored_sq"]),
     )
+
+
+def _pooled_part(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """All sites' tables summed day by day: one stratum, as if the rows were pooled."""
+    days = np.unique(np.concatenate([np.asarray(p["table"]["time"]) for p in parts]))
+    summed = {name: np.zeros((2, len(days))) for name in ("events", "exits", "events_sq", "censored_sq")}
+    for part in parts:
+        position = np.searchsorted(days, np.asarray(part["table"]["time"]))
+        for name, total in summed.items():
+            total[:, position] += np.asarray(part["table"][name], dtype=np.float64).reshape(2, -1)
+    return {"table": {"time": days.tolist(), **{name: total.tolist() for name, total in summed.items()}}}
 
 
 def _curve_json(curve: KaplanMeier) -> dict[str, list[float]]:
@@ -121,7 +132,8 @@ def analysis_result(name: str, parts: list[dict[str, Any]], protocol: StudyProto
              ("n", "events", "person_days", "weight", "weighted_events", "weighted_person_days")}
     log_hr, se, variance = _cox(name, parts)
     ratio = wald_ratio(log_hr, se)
-    pooled = merge_event_tables([_tables(p)[0] for p in parts])
+    pooled_part = _pooled_part(parts)
+    pooled = _tables(pooled_part)[0]
     curves = {label: kaplan_meier(pooled, arm) for arm, label in _ARMS}
     horizon = protocol.horizon_days()
     risks = {label: risk_at(curves[label], horizon) for _, label in _ARMS}
@@ -138,6 +150,14 @@ def analysis_result(name: str, parts: list[dict[str, Any]], protocol: StudyProto
         "hr": ratio.estimate, "ci_low": ratio.ci_low, "ci_high": ratio.ci_high, "ci_level": ratio.level,
         "log_hr": ratio.log_estimate, "se_log_hr": ratio.se, "p_value": ratio.p_value,
     }
+    if name != "matched":  # the same model with one baseline hazard for all sites (WebDISCO's design)
+        log_hr_pooled, se_pooled, _ = _cox(name, [pooled_part])
+        pooled_ratio = wald_ratio(log_hr_pooled, se_pooled)
+        result["pooled_baseline"] = {
+            "model": "as above, one baseline hazard for all sites (not stratified)",
+            "hr": pooled_ratio.estimate, "ci_low": pooled_ratio.ci_low, "ci_high": pooled_ratio.ci_high,
+            "log_hr": pooled_ratio.log_estimate, "se_log_hr": pooled_ratio.se,
+        }
     for arm, label in _ARMS:
         result[f"n_{label}"] = int(total["n"][arm])
         result[f"events_{label}"] = int(total["events"][arm])

@@ -159,6 +159,19 @@ def test_weighted_cox_with_robust_variance_equals_lifelines(continuous: dict[str
 
 
 @pytest.mark.parametrize("name", ["crude", *WEIGHTED])
+def test_pooled_baseline_cox_equals_lifelines_without_strata(continuous: dict[str, Any], name: str) -> None:
+    frame = continuous["frame"]
+    w = np.ones(len(frame)) if name == "crude" else weights(frame, continuous["beta"], name)
+    fit = CoxPHFitter().fit(
+        frame.assign(w=w)[["time", "event", "treatment", "w"]], "time", "event", weights_col="w",
+        robust=name != "crude", fit_options={"precision": 1e-14, "r_precision": 0.0},
+    )
+    pooled = continuous["result"]["analyses"][name]["pooled_baseline"]
+    assert pooled["log_hr"] == pytest.approx(fit.params_["treatment"], rel=RELATIVE_TOLERANCE)
+    assert pooled["se_log_hr"] == pytest.approx(fit.standard_errors_["treatment"], rel=RELATIVE_TOLERANCE)
+
+
+@pytest.mark.parametrize("name", ["crude", *WEIGHTED])
 def test_km_risks_and_counts_equal_lifelines(continuous: dict[str, Any], name: str) -> None:
     frame = continuous["frame"]
     w = np.ones(len(frame)) if name == "crude" else weights(frame, continuous["beta"], name)
