@@ -19,7 +19,12 @@ from shared.errors import ConvergenceError
 from shared.protocol.model import StudyProtocol
 from shared.stats.cox import CoxDerivatives, halley_step, newton_step
 from shared.stats.inference import wald_ratio
-from shared.stats.logistic import LogisticDerivatives, logistic_covariance, penalized_newton_step
+from shared.stats.logistic import (
+    LogisticDerivatives,
+    LogisticStep,
+    logistic_covariance,
+    penalized_newton_step,
+)
 
 Partials = list[dict[str, Any]]  # one task's results from every site, in site order
 
@@ -32,6 +37,7 @@ class CrudeCoxFit:
     """
 
     task = "crude_cox"
+    MODEL = "Cox proportional hazards, Breslow ties, stratified by site, treatment only"
 
     def __init__(self, tolerance: float = 1e-6, max_rounds: int = 25) -> None:
         self.tolerance = tolerance
@@ -39,11 +45,16 @@ class CrudeCoxFit:
         self.beta = 0.0
         self.iterations = 0
         self.final: dict[str, float] | None = None
+        self.error: str | None = None
         self._previous: tuple[float, float] | None = None
 
     @property
     def converged(self) -> bool:
-        return self.final is not None
+        return self.final is not None or self.error is not None
+
+    def give_up(self, reason: str) -> None:
+        """No finite estimate exists (e.g. an arm without events): say why instead of iterating."""
+        self.error = reason
 
     def first_params(self) -> dict[str, Any]:
         return {"beta": 0.0, "local_fit": True}
@@ -81,10 +92,12 @@ class CrudeCoxFit:
             self.beta = float(update.beta[0])
 
     def result(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"model": self.MODEL, "site_stratified": True, "error": self.error}
         assert self.final is not None
         ratio = wald_ratio(self.final["beta"], self.final["se"])
         return {
-            "model": "Cox proportional hazards, Breslow ties, stratified by site, treatment only",
+            "model": self.MODEL,
             "site_stratified": True,
             "hr": ratio.estimate, "ci_low": ratio.ci_low, "ci_high": ratio.ci_high,
             "ci_level": ratio.level, "log_hr": ratio.log_estimate, "se_log_hr": ratio.se,
@@ -132,7 +145,28 @@ class PropensityFit:
                 return
             except np.linalg.LinAlgError:
                 pass
-        self.beta = penalized_newton_step(self.beta, at_zero, self.l2).beta
+        self.beta = self._step(at_zero).beta
+
+    def _step(self, total: LogisticDerivatives) -> LogisticStep:
+        try:
+            return penalized_newton_step(self.beta, total, self.l2)
+        except ConvergenceError as error:
+            constant = self.constant_columns()
+            if constant:
+                raise ConvergenceError(
+                    f"the propensity model cannot be fitted: covariate(s) {constant} take one value "
+                    f"in every site's cohort. Fix: remove them from the protocol's covariates."
+                ) from error
+            raise
+
+    def constant_columns(self) -> list[str]:
+        """Covariates with no variation over all sites (from X'X; needs round 1)."""
+        if self.gram is None:
+            return []
+        n = self.gram[0, 0]
+        variance = np.diag(self.gram) / n - (self.gram[0] / n) ** 2
+        scale = np.maximum(1.0, np.diag(self.gram) / n)
+        return [c for c, v, s in zip(self.columns[1:], variance[1:], scale[1:], strict=True) if v <= 1e-12 * s]
 
     def next_params(self) -> dict[str, Any]:
         if self.iterations >= self.max_rounds:
@@ -143,7 +177,7 @@ class PropensityFit:
         return {"beta": self.beta.tolist()}
 
     def absorb(self, partials: Partials) -> None:
-        update = penalized_newton_step(self.beta, _sum_logistic(partials), self.l2)
+        update = self._step(_sum_logistic(partials))
         self.iterations += 1
         self.beta = update.beta
         self.converged = update.max_abs_step < self.tolerance

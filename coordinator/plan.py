@@ -104,8 +104,15 @@ class StudyPlan:
         if self._round == 0:
             for site_id in sorted(replies):
                 self._absorb_summary(site_id, replies[site_id].results)
+            without_events = [arm for arm in _ARMS if sum(s[f"events_{arm}"] for s in self.sites.values()) == 0]
+            if without_events:
+                self.crude.give_up(
+                    f"no finite hazard ratio: the {' and '.join(without_events)} arm has no events at any "
+                    f"site. Fix: lengthen the time at risk or check the outcome's codes."
+                )
             for fit in self.fits:
-                fit.warm_start([results[fit.task] for results in ordered])
+                if not fit.converged:
+                    fit.warm_start([results[fit.task] for results in ordered])
         elif self.propensity_fit is not None and self.propensity_fit.converged and all(f.converged for f in self.fits):
             self.propensity_fit.finish([results["propensity"] for results in ordered])
             if "adjusted" in ordered[0]:

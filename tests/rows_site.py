@@ -1,0 +1,65 @@
+"""A site made of analysis rows in memory: the real partial computations and disclosure guard, no Spark.
+
+For plan-level tests of the study logic on data a test shapes at will (separation, empty
+arms, no events). The cohort builder and Spark are covered by tests that use SiteAgent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from shared.errors import FedRWEError
+from shared.protocol.messages import RoundReply, RoundRequest
+from shared.protocol.model import StudyProtocol
+from shared.stats.cox import EventTable
+from site_agent.analyses.adjusted import adjusted
+from site_agent.analyses.counts import arm_summary
+from site_agent.analyses.cox import crude_cox
+from site_agent.analyses.propensity import propensity
+from site_agent.analyses.release import Release
+from site_agent.analyses.rows import AnalysisRows
+from site_agent.disclosure.guard import guarded
+from site_agent.settings import DisclosurePolicy
+
+
+def rows_from_frame(frame: pd.DataFrame, columns: list[str]) -> AnalysisRows:
+    frame = frame.sort_values("person_id")
+    design = np.column_stack([np.ones(len(frame)), frame[columns].to_numpy(float)])
+    return AnalysisRows(
+        frame.person_id.to_numpy(np.int64), frame.treatment.to_numpy(float), frame.time.to_numpy(np.int64),
+        frame.event.to_numpy(np.int64), design,
+    )
+
+
+def event_table_of(rows: AnalysisRows) -> EventTable:
+    days = np.unique(rows.time)
+    arm, position = rows.treatment.astype(np.int64), np.searchsorted(days, rows.time)
+    events, exits = np.zeros((2, len(days)), np.int64), np.zeros((2, len(days)), np.int64)
+    np.add.at(events, (arm, position), rows.event)
+    np.add.at(exits, (arm, position), 1)
+    return EventTable(days, events, exits)
+
+
+class RowsSite:
+    """Answers a study's rounds from in-memory rows, through the site's disclosure guard."""
+
+    def __init__(self, site_id: str, rows: AnalysisRows, protocol: StudyProtocol, policy: DisclosurePolicy) -> None:
+        self.site_id, self.rows, self.protocol, self.policy = site_id, rows, protocol, policy
+        self.table = event_table_of(rows)
+
+    def reply(self, request: RoundRequest) -> RoundReply:
+        limit, cells = self.policy.max_abs_coefficient, self.policy.min_cell_count
+        partials = {
+            "provenance": lambda p: Release({"input_versions": {}, "dataset_version": 0}),
+            "attrition": lambda p: Release({"steps": []}),
+            "arm_summary": lambda p: arm_summary(self.table),
+            "crude_cox": lambda p: crude_cox(self.table, p, limit),
+            "propensity": lambda p: propensity(self.rows, p, limit),
+            "adjusted": lambda p: adjusted(self.rows, self.protocol, p, limit, cells),
+        }
+        try:
+            results = guarded(lambda: {t: partials[t](p) for t, p in request.tasks.items()}, self.policy, self.site_id)
+        except FedRWEError as error:
+            return RoundReply(status="error", site_id=self.site_id, error=str(error))
+        return RoundReply(status="ok", site_id=self.site_id, results=results)

@@ -1,0 +1,85 @@
+"""Bad data for the estimators: each case ends in a named error or a documented fallback, never NaN.
+
+The study runs through the coordinator's real plan and the sites' real partial
+computations and disclosure guard (tests/rows_site.py), on rows shaped for each case.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.api as sm
+
+from coordinator.plan import StudyPlan
+from coordinator.results import build_results
+from shared.errors import ConvergenceError, SiteError
+from site_agent.settings import DisclosurePolicy
+from tests.pooled_reference import RELATIVE_TOLERANCE
+from tests.rows_site import RowsSite, rows_from_frame
+from tests.test_adjusted_estimators import COVARIATES, make_rows, protocol, split
+
+STUDY = protocol()
+POLICY = DisclosurePolicy(min_cell_count=1)
+
+
+def run(frame: pd.DataFrame, policy: DisclosurePolicy = POLICY) -> StudyPlan:
+    sites = [
+        RowsSite(site_id, rows_from_frame(rows, COVARIATES), STUDY, policy)
+        for site_id, rows in frame.groupby("site_id")
+    ]
+    plan = StudyPlan(STUDY)
+    while (request := plan.next_request()) is not None:
+        plan.absorb({site.site_id: site.reply(request) for site in sites})
+    return plan
+
+
+def base(seed: int = 21) -> pd.DataFrame:
+    return split(make_rows(900, whole_days=True, seed=seed), 3)
+
+
+def test_no_events_in_an_arm_gives_named_errors_and_a_finite_results_json() -> None:
+    frame = base()
+    frame.loc[frame.treatment == 1, "event"] = 0
+    plan = run(frame)
+    results = build_results(plan, [])
+    json.dumps(results, allow_nan=False)
+    assert "exposed arm has no events" in results["analyses"]["crude"]["error"]
+    for name in ("matched", "iptw_ate", "iptw_att", "overlap"):
+        assert "0 exposed" in results["analyses"][name]["error"] or "no event" in results["analyses"][name]["error"]
+    assert len(plan.propensity()["coefficients"]) == 4  # the propensity model still runs
+
+
+def test_an_empty_arm_at_one_site_still_equals_the_pooled_propensity_fit() -> None:
+    frame = base()
+    frame = frame[~((frame.site_id == "site_1") & (frame.treatment == 1))]
+    plan = run(frame)
+    design = sm.add_constant(frame[COVARIATES].to_numpy(float))
+    fit = sm.Logit(frame.treatment.to_numpy(float), design).fit(disp=0, method="newton", tol=1e-14)
+    np.testing.assert_allclose(list(plan.propensity()["coefficients"].values()), fit.params, rtol=RELATIVE_TOLERANCE)
+    json.dumps(build_results(plan, []), allow_nan=False)
+    assert "site_1" in {entry["site_id"] for entry in build_results(plan, [])["meta"]["matched"]["excluded"]}
+
+
+def test_a_covariate_constant_at_one_site_is_fine() -> None:
+    frame = base()
+    frame.loc[frame.site_id == "site_0", "depression"] = 0.0
+    plan = run(frame)
+    design = sm.add_constant(frame[COVARIATES].to_numpy(float))
+    fit = sm.Logit(frame.treatment.to_numpy(float), design).fit(disp=0, method="newton", tol=1e-14)
+    np.testing.assert_allclose(list(plan.propensity()["standard_errors"].values()), fit.bse, rtol=RELATIVE_TOLERANCE)
+
+
+def test_a_covariate_constant_everywhere_is_named() -> None:
+    frame = base().assign(depression=1.0)
+    with pytest.raises(ConvergenceError, match=r"\['depression'\] take one value in every site"):
+        run(frame)
+
+
+def test_perfect_separation_is_refused_by_the_sites_with_the_fix() -> None:
+    frame = base()
+    frame["sex_female"] = frame.treatment  # sex separates the arms
+    with pytest.raises((SiteError, ConvergenceError), match=r"separat"):
+        run(frame)
