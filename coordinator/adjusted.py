@@ -251,13 +251,13 @@ def propensity_histogram(partials: Partials) -> dict[str, Any]:
     return result
 
 
-def meta(names: list[str], by_analysis: dict[str, list[dict[str, Any]]], site_ids: list[str]) -> dict[str, Any]:
+def meta(names: list[str], by_analysis: dict[str, list[tuple[str, dict[str, Any]]]]) -> dict[str, Any]:
     """Each site's own estimate per analysis and their fixed/random-effects meta-analysis."""
     out: dict[str, Any] = {}
     for name in names:
         sites: list[dict[str, Any]] = []
         excluded: list[dict[str, str]] = []
-        for site_id, part in zip(site_ids, by_analysis[name], strict=True):
+        for site_id, part in by_analysis[name]:
             try:
                 log_hr, se, _ = _cox(name, [part])
             except ConvergenceError as error:
@@ -272,12 +272,33 @@ def meta(names: list[str], by_analysis: dict[str, list[dict[str, Any]]], site_id
 
 
 def combine(protocol: StudyProtocol, partials: Partials, site_ids: list[str]) -> dict[str, Any]:
-    """Everything the adjusted round gives: analyses, balance, PS histogram, meta-analysis."""
+    """Everything the adjusted round gives: analyses, balance, PS histogram, meta-analysis.
+
+    An analysis a site withheld (a count below its minimum cell count) has no pooled
+    estimate: it says which sites withheld it, and the other analyses go on.
+    """
     names = ["crude", *protocol.adjusted_analyses()]
-    by_analysis = {name: [p["analyses"][name] for p in partials] for name in names}
+    by_analysis = {name: [p["parts"][name] for p in partials] for name in names}
+    withheld = {
+        name: [(site, part["withheld"]) for site, part in zip(site_ids, by_analysis[name], strict=True) if "withheld" in part]
+        for name in names
+    }
+    complete = [name for name in names if not withheld[name]]
+    analyses: dict[str, Any] = {}
+    for name in names:
+        if withheld[name]:
+            analyses[name] = {
+                "weights": _describe(name, protocol),
+                "error": f"withheld by site(s) {[site for site, _ in withheld[name]]}: "
+                         + " | ".join(reason for _, reason in withheld[name]),
+            }
+        else:
+            analyses[name] = _guarded_result(name, by_analysis[name], protocol)
+    meta_sites = {name: [(site, part) for site, part in zip(site_ids, by_analysis[name], strict=True)
+                         if "withheld" not in part] for name in names}
     return {
-        "analyses": {name: _guarded_result(name, by_analysis[name], protocol) for name in names},
-        "balance": balance(names, by_analysis, protocol.covariate_columns()),
+        "analyses": analyses,
+        "balance": balance(complete, by_analysis, protocol.covariate_columns()),
         "histogram": propensity_histogram(partials),
-        "meta": meta(names, by_analysis, site_ids),
+        "meta": meta(names, meta_sites),
     }

@@ -7,6 +7,7 @@ assets: it opens offline.
 from __future__ import annotations
 
 from html import escape
+from math import exp
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,74 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _ci(estimate: Any, low: Any, high: Any) -> str:
+    if estimate is None:
+        return "-"
+    return f"{estimate:.2f} ({low:.2f}-{high:.2f})"
+
+
+def _headline(results: dict[str, Any]) -> str:
+    """The primary analysis in one sentence (the protocol's first adjusted analysis, else crude)."""
+    analyses = results["analyses"]
+    name = next((n for n in analyses if n != "crude"), "crude")
+    analysis = analyses[name]
+    if "error" in analysis:
+        return f"<p><b>The {escape(name)} analysis has no estimate:</b> {escape(analysis['error'])}</p>"
+    return (
+        f"<p><b>Hazard ratio, {escape(name)} analysis (exposed vs comparator): "
+        f"{_ci(analysis['hr'], analysis['ci_low'], analysis['ci_high'])}</b>; "
+        f"{escape(analysis.get('weights', analysis.get('model', '')))}.</p>"
+    )
+
+
+def _main_table(results: dict[str, Any]) -> str:
+    """One row per analysis, in the shape of the reference paper's results table."""
+    rows = []
+    for name, a in results["analyses"].items():
+        if "error" in a:
+            rows.append([name, a.get("n_exposed"), a.get("n_comparator"), a.get("events_exposed"),
+                         a.get("events_comparator"), "-", "-", "-", "-", f"no estimate: {a['error']}", "-", "-"])
+            continue
+        rows.append([
+            name, a["n_exposed"], a["n_comparator"], a["events_exposed"], a["events_comparator"],
+            a.get("risk_exposed"), a.get("risk_comparator"),
+            _ci(a.get("risk_ratio"), a.get("risk_ratio_ci_low"), a.get("risk_ratio_ci_high")),
+            _ci(a.get("risk_difference"), a.get("risk_difference_ci_low"), a.get("risk_difference_ci_high")),
+            _ci(a["hr"], a["ci_low"], a["ci_high"]), a.get("logrank_p"), a.get("ph_check", {}).get("p_value"),
+        ])
+    return _table(
+        ["analysis", "n exposed", "n comparator", "events exposed", "events comparator", "risk exposed",
+         "risk comparator", "risk ratio (95% CI)", "risk difference (95% CI)", "HR (95% CI)", "log-rank p",
+         "PH check p"],
+        rows,
+    )
+
+
+def _balance_table(balance: dict[str, Any]) -> str:
+    labels = list(balance["max_abs_smd"])
+    rows = [[column, *[(entry.get(label) or {}).get("smd") for label in labels]]
+            for column, entry in balance["covariates"].items()]
+    rows.append(["max |SMD|", *[balance["max_abs_smd"][label] for label in labels]])
+    return _table(["covariate", *[f"SMD {label}" for label in labels]], rows)
+
+
+def _meta_table(meta: dict[str, Any]) -> str:
+    rows = []
+    for name, entry in meta.items():
+        sites = "; ".join(f"{s['site_id']} {s['hr']:.2f}" for s in entry["sites"])
+        if "fixed" not in entry:
+            rows.append([name, sites, "-", "-", "-", "-"])
+            continue
+        fixed, random = entry["fixed"], entry["random"]
+        rows.append([
+            name, sites, _ci(exp(fixed["estimate"]), exp(fixed["ci_low"]), exp(fixed["ci_high"])),
+            _ci(exp(random["estimate"]), exp(random["ci_low"]), exp(random["ci_high"])),
+            entry["i_squared"], entry["tau_squared"],
+        ])
+    return _table(["analysis", "per-site HR", "fixed effect HR (95% CI)", "random effects HR (95% CI)",
+                   "I^2", "tau^2"], rows)
+
+
 def render_report(results: dict[str, Any], truth: dict[str, Any] | None = None) -> str:
     """The report as one HTML string."""
     crude = results["analyses"]["crude"]
@@ -43,9 +112,7 @@ def render_report(results: dict[str, Any], truth: dict[str, Any] | None = None) 
         f"<p>Study <code>{escape(results['study_id'])}</code>, protocol SHA-256 "
         f"<code>{escape(results['protocol_sha256'])}</code>, {len(results['sites'])} sites, "
         f"generated {escape(results['generated_at'])}.</p>",
-        f"<p><b>Crude hazard ratio (exposed vs comparator): {crude['hr']:.2f} "
-        f"(95% CI {crude['ci_low']:.2f}-{crude['ci_high']:.2f})</b>, Cox model stratified by "
-        f"site with treatment only; not adjusted for confounding.</p>",
+        _headline(results),
         "<h2>Cohort per site</h2>",
         _table(
             ["site", "exposed", "comparator", "events exposed", "events comparator"],
@@ -61,6 +128,12 @@ def render_report(results: dict[str, Any], truth: dict[str, Any] | None = None) 
             [[a["description"], a["n_persons"], a["n_exposed"], a["n_comparator"]] for a in site["attrition"]],
         ))
     parts += [
+        "<h2>Results</h2>",
+        "<p class='note'>Risks by day "
+        f"{escape(str(next(iter(results['analyses'].values())).get('horizon_days', '-')))} from Kaplan-Meier "
+        "curves; hazard ratios from Cox models (Breslow ties) stratified by site, or by matched set for "
+        "matching; robust variances for weighted fits.</p>",
+        _main_table(results),
         "<h2>Crude Cox model</h2>",
         _table(
             ["", "exposed", "comparator"],
@@ -69,9 +142,13 @@ def render_report(results: dict[str, Any], truth: dict[str, Any] | None = None) 
              ["person-days", crude["person_days_exposed"], crude["person_days_comparator"]]],
         ),
         _table(["HR", "95% CI low", "95% CI high", "SE log HR", "p", "Newton rounds"],
-               [[crude["hr"], crude["ci_low"], crude["ci_high"], crude["se_log_hr"], crude["p_value"],
-                 crude["newton_rounds"]]]),
+               [[crude.get("hr"), crude.get("ci_low"), crude.get("ci_high"), crude.get("se_log_hr"),
+                 crude.get("p_value"), crude.get("newton_rounds")]]),
     ]
+    if "balance" in results:
+        parts += ["<h2>Covariate balance</h2>", _balance_table(results["balance"])]
+    if "meta" in results:
+        parts += ["<h2>Per-site estimates and meta-analysis</h2>", _meta_table(results["meta"])]
     propensity = results.get("propensity")
     if propensity is not None:
         parts += [

@@ -83,11 +83,10 @@ def study_run(
     from flows.submit import run_study_on_superlink
 
     results = run_study_on_superlink(protocol, superlink, out, min_sites, prefect_api_url)
-    crude = results["analyses"]["crude"]
-    Console().print(
-        f"crude HR {crude['hr']:.3f} (95% CI {crude['ci_low']:.3f}-{crude['ci_high']:.3f}); "
-        f"results in {out / 'results.json'}"
-    )
+    from flows.summary import analyses_table
+
+    Console().print(analyses_table(results))
+    Console().print(f"results in {out / 'results.json'}")
 
 
 @protocol_app.command("check")

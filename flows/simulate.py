@@ -26,6 +26,7 @@ from rich.table import Table
 
 from flows.localnet import LocalNetwork, SiteSpec, free_port
 from flows.submit import run_and_explain, study_run_config
+from flows.summary import analyses_table
 from shared.errors import DataError
 from shared.protocol.model import StudyProtocol, load_protocol
 from shared.synthetic import generate_network
@@ -203,12 +204,8 @@ def _print_summary(
         table.add_row(site["site_id"], *(f"{site[k]:,}" for k in (
             "n_exposed", "n_comparator", "events_exposed", "events_comparator")))
     console.print(table)
-    crude = results["analyses"]["crude"]
-    console.print(
-        f"crude HR (site-stratified Cox, treatment only): [bold]{crude['hr']:.3f}[/] "
-        f"(95% CI {crude['ci_low']:.3f}-{crude['ci_high']:.3f}); planted conditional HR "
-        f"{truth['hr_conditional']:.2f} - the crude HR is confounded by design."
-    )
+    console.print(analyses_table(results, truth["hr_conditional"]))
+    console.print("the crude HR is confounded by design; the propensity-score analyses adjust for it.")
     rounds = ", ".join(f"{r['name']} {r['seconds']:.1f}s" for r in results["rounds"])
     console.print(f"rounds: {rounds}")
     startup = timings["process_startup_s"]

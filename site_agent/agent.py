@@ -119,12 +119,13 @@ class SiteAgent:
             if is_ping(payload):
                 return RoundReply(status="ok", site_id=self.site_id, results={"ping": "pong"}).to_bytes()
             request = decode_request(payload)
-            results = guarded(lambda: self._compute(request), self.settings.policy, self.site_id)
+            released = guarded(lambda: self._compute(request), self.settings.policy, self.site_id)
             reply = RoundReply(
                 status="ok", site_id=self.site_id, study_id=request.study_id,
-                round_name=request.round_name, results=results,
+                round_name=request.round_name, results=released.values,
             )
-            decision = "released"
+            withheld = released.withheld  # parts withheld for small counts: values stay in the log
+            decision = "released" if not withheld else "released with parts withheld"
         except DisclosureRefused as refusal:
             withheld = refusal.counts  # the small counts themselves stay in the site's log
             reply = self._failure("refused", request, self._named(refusal))

@@ -59,7 +59,7 @@ class RowsSite:
             "adjusted": lambda p: adjusted(self.rows, self.protocol, p, limit, cells),
         }
         try:
-            results = guarded(lambda: {t: partials[t](p) for t, p in request.tasks.items()}, self.policy, self.site_id)
+            results = guarded(lambda: {t: partials[t](p) for t, p in request.tasks.items()}, self.policy, self.site_id).values
         except FedRWEError as error:
             return RoundReply(status="error", site_id=self.site_id, error=str(error))
         return RoundReply(status="ok", site_id=self.site_id, results=results)

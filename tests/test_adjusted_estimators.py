@@ -35,6 +35,8 @@ from coordinator.adjusted import combine
 from shared.protocol.model import StudyProtocol, load_protocol
 from site_agent.analyses.adjusted import adjusted
 from site_agent.analyses.rows import AnalysisRows
+from site_agent.disclosure.guard import guarded
+from site_agent.settings import DisclosurePolicy
 from tests.pooled_reference import RELATIVE_TOLERANCE
 from tests.test_matching import brute_force
 
@@ -107,7 +109,9 @@ def federated(frame: pd.DataFrame, study: StudyProtocol, min_cell_count: int = 1
     partials = []
     for site_id in site_ids:
         release = adjusted(rows_of(frame[frame.site_id == site_id]), study, params, 1e6, min_cell_count)
-        partials.append(json.loads(json.dumps(release.values, allow_nan=False)))  # over the wire
+        policy = DisclosurePolicy(min_cell_count=min_cell_count)
+        values = guarded(lambda release=release: {"adjusted": release}, policy, site_id).values["adjusted"]
+        partials.append(json.loads(json.dumps(values, allow_nan=False)))  # over the wire
     return combine(study, partials, site_ids), beta
 
 
@@ -277,6 +281,17 @@ def test_matched_cox_equals_statsmodels_on_the_literal_matching(k: int) -> None:
     assert analysis["log_hr"] == pytest.approx(fit.params[0], rel=RELATIVE_TOLERANCE)
     assert analysis["se_log_hr"] == pytest.approx(fit.bse[0], rel=RELATIVE_TOLERANCE)
     assert analysis["matched_set_stratified"] is True
+
+
+def test_an_analysis_with_small_counts_at_a_site_is_withheld_alone() -> None:
+    frame = split(make_rows(900, whole_days=True, seed=5), 3)  # site_2 has 15 rows
+    result, _ = federated(frame, protocol(), min_cell_count=10)
+    for name in ("crude", "matched", "iptw_ate", "iptw_att", "overlap"):
+        error = result["analyses"][name]["error"]
+        assert "withheld by site(s) ['site_2']" in error
+        assert "below the site's minimum cell count 10" in error
+        assert "site_2" not in {s["site_id"] for s in result["meta"][name]["sites"]}
+    json.dumps(result, allow_nan=False)
 
 
 def test_results_never_hold_nan_even_when_a_caliper_matches_nobody() -> None:

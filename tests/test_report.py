@@ -13,6 +13,13 @@ def results() -> dict[str, Any]:
         "newton_rounds": 2, "n_exposed": 1245, "n_comparator": 5928, "events_exposed": 283,
         "events_comparator": 483, "person_days_exposed": 400_000, "person_days_comparator": 1_900_000,
     }
+    matched = {
+        "hr": 1.8125, "ci_low": 1.4391, "ci_high": 2.2828, "se_log_hr": 0.118, "n_exposed": 1171,
+        "n_comparator": 1171, "events_exposed": 247, "events_comparator": 141, "risk_exposed": 0.2385,
+        "risk_comparator": 0.1362, "risk_ratio": 1.751, "risk_ratio_ci_low": 1.4, "risk_ratio_ci_high": 2.1,
+        "risk_difference": 0.1023, "risk_difference_ci_low": 0.07, "risk_difference_ci_high": 0.13,
+        "logrank_p": 1e-6, "ph_check": {"p_value": 0.83}, "horizon_days": 365, "weights": "1:1 matching",
+    }
     site = {
         "site_id": "site_01", "n_exposed": 1245, "n_comparator": 5928, "events_exposed": 283,
         "events_comparator": 483,
@@ -21,7 +28,14 @@ def results() -> dict[str, Any]:
     }
     return {
         "title": "Ketamine <and> CUD", "study_id": "s", "protocol_sha256": "ab" * 32,
-        "generated_at": "2026-11-27T00:00:00+00:00", "sites": [site], "analyses": {"crude": crude},
+        "generated_at": "2026-11-27T00:00:00+00:00", "sites": [site],
+        "analyses": {"crude": crude, "matched": matched, "overlap": {"error": "no events <here>", "n_exposed": 0,
+                                                                      "n_comparator": 0}},
+        "balance": {"covariates": {"age": {"before": {"smd": 0.41}, "matched": {"smd": 0.02}}},
+                    "max_abs_smd": {"before": 0.41, "matched": 0.02}},
+        "meta": {"matched": {"sites": [{"site_id": "site_01", "hr": 1.81}], "i_squared": 0.0, "tau_squared": 0.0,
+                             "fixed": {"estimate": 0.5933, "ci_low": 0.3640, "ci_high": 0.8253},
+                             "random": {"estimate": 0.5933, "ci_low": 0.3640, "ci_high": 0.8253}}},
         "propensity": {"model": "logistic", "l2": 0.0, "newton_rounds": 4,
                        "coefficients": {"(intercept)": -0.75}, "standard_errors": {"(intercept)": 0.1}},
         "rounds": [{"name": "1-summary", "seconds": 66.0, "bytes_sent": 7941, "bytes_received": 4410}],
@@ -31,10 +45,13 @@ def results() -> dict[str, Any]:
 
 def test_report_has_every_section_and_escapes_text() -> None:
     html = render_report(results(), truth={"hr_conditional": 1.98, "marginal_effect_in_treated": {"risk_ratio": 1.78}})
-    for section in ("Cohort per site", "Attrition", "Crude Cox model", "Propensity model",
-                    "Planted truth", "Rounds", "Software"):
+    for section in ("Cohort per site", "Attrition", "Results", "Crude Cox model", "Covariate balance",
+                    "Per-site estimates and meta-analysis", "Propensity model", "Planted truth", "Rounds", "Software"):
         assert f"<h2>{section}" in html
-    assert "3.25 (95% CI 2.81-3.77)" in html
+    assert "matched analysis (exposed vs comparator): 1.81 (1.44-2.28)" in html  # the primary analysis
+    assert "3.25 (2.81-3.77)" in html  # crude, in the results table
+    assert "1.75 (1.40-2.10)" in html  # risk ratio
+    assert "no estimate: no events &lt;here&gt;" in html
     assert "Ketamine &lt;and&gt; CUD" in html
     assert "http" not in html
     assert "src=" not in html

@@ -19,7 +19,7 @@ import pytest
 from rich.console import Console
 
 from flows.simulate import SimulationSettings, run_simulation
-from tests.pooled_reference import assert_crude_equals_pooled
+from tests.pooled_reference import assert_crude_equals_pooled, assert_propensity_equals_pooled
 
 PROTOCOL = Path(__file__).parents[1] / "studies" / "ketamine_cud.yaml"
 
@@ -71,6 +71,9 @@ def test_federated_numbers_equal_statsmodels_on_the_pooled_rows(simulation: dict
     table = pq.read_table(out / "sim" / "pooled_analysis_dataset.parquet")
     assert table.schema.metadata[b"fedrwe.simulation_only"] == b"true"
     assert_crude_equals_pooled(crude, table.to_pandas())
+    assert_propensity_equals_pooled(results["propensity"], table.to_pandas())
+    for name, analysis in results["analyses"].items():  # at 9,000 patients a small site may withhold one
+        assert "hr" in analysis or "withheld by site(s)" in analysis["error"], (name, analysis.get("error"))
     assert [s["site_id"] for s in results["sites"]] == ["site_01", "site_02", "site_03"]
     assert results["protocol_sha256"]
     assert results["software"]["flwr"] == "1.42.0"
@@ -80,11 +83,15 @@ def test_federated_numbers_equal_statsmodels_on_the_pooled_rows(simulation: dict
 def test_outputs_are_written(simulation: dict[str, Any]) -> None:
     out = simulation["out"]
     report = (out / "report.html").read_text()
-    assert "Crude hazard ratio" in report
+    assert "matched analysis" in report  # the primary analysis leads the report
+    assert "<h2>Results" in report
+    assert "Crude Cox model" in report
     assert "Planted truth" in report
     assert json.loads((out / "truth.json").read_text())["hr_conditional"] == pytest.approx(1.98)
     rounds = simulation["results"]["rounds"]
     assert rounds[0]["name"] == "1-summary"
+    assert rounds[-1]["name"].endswith("-adjusted")
+    assert len(rounds) <= 6  # the whole reference study
     assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in rounds)
 
 

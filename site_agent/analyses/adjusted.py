@@ -109,7 +109,11 @@ def matched_weights(rows: AnalysisRows, logit: NDArray[np.float64], caliper: flo
 def adjusted(
     rows: AnalysisRows, protocol: StudyProtocol, params: dict[str, Any], max_abs_coefficient: float, min_cell_count: int
 ) -> Release:
-    """Every propensity-score analysis of the protocol on this site's rows, as aggregates."""
+    """Every propensity-score analysis of the protocol on this site's rows, as aggregates.
+
+    Each analysis is a separable part of the release: if one has a count below the site's
+    minimum, the guard withholds that analysis alone.
+    """
     beta = np.asarray(params["beta"], dtype=np.float64)
     if beta.shape != (rows.design.shape[1],):
         raise ProtocolError(
@@ -126,9 +130,8 @@ def adjusted(
     values: dict[str, Any] = {
         "histogram": _histogram(score, rows.treatment, min_cell_count),
         "c_statistic": within_site_c_statistic(score, rows.treatment),
-        "analyses": {},
     }
-    counts: dict[str, int] = {}
+    parts: dict[str, Release] = {}
     everyone = np.ones(len(treatment))
     for name in ("crude", *protocol.adjusted_analyses()):
         set_id = None
@@ -152,8 +155,6 @@ def adjusted(
             part["configurations"] = configurations_to_json(risk_set_configurations(
                 set_id[matched], treatment[matched], rows.time[matched], rows.event[matched], cuts,
             ))
-        values["analyses"][name] = part
-        for arm, label in ((0, "comparator"), (1, "exposed")):
-            counts[f"{name}.n_{label}"] = part["n"][arm]
-            counts[f"{name}.events_{label}"] = part["events"][arm]
-    return Release(values, counts)
+        counts = {f"{key}_{label}": part[key][arm] for key in ("n", "events") for arm, label in ((0, "comparator"), (1, "exposed"))}
+        parts[name] = Release(part, counts)
+    return Release(values, parts=parts)

@@ -12,3 +12,6 @@ class Release:
 
     values: dict[str, Any]
     counts: dict[str, int] = field(default_factory=dict)
+    parts: dict[str, Release] = field(default_factory=dict)
+    """Separable pieces (e.g. one per analysis): one whose counts are too small is withheld
+    alone, sent as ``{"withheld": reason}`` under ``values["parts"]``, and the rest still go."""

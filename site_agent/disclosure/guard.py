@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from shared.errors import DataError, DisclosureRefused
 from site_agent.analyses.release import Release
@@ -43,15 +45,40 @@ def _non_finite(value: object, where: str) -> str | None:
     return next((found for path, item in items if (found := _non_finite(item, path))), None)
 
 
-def guarded(handler: Handler, policy: DisclosurePolicy, site_id: str) -> dict[str, object]:
-    """Run ``handler`` and return only releases that pass the policy (and hold finite numbers)."""
-    releases = handler()
-    for task, release in releases.items():
-        check_release(task, release, policy, site_id)
-        where = _non_finite(release.values, task)
-        if where is not None:
-            raise DataError(
-                f"site {site_id!r}: {where} is not a finite number, so it is not sent. Fix: check "
-                f"the cohort's counts for that analysis (e.g. an arm without events)."
-            )
-    return {task: release.values for task, release in releases.items()}
+@dataclass
+class Guarded:
+    """What passed the guard, per task, and the small counts withheld (for the site's log only)."""
+
+    values: dict[str, Any]
+    withheld: dict[str, int] = field(default_factory=dict)
+
+
+def _released(task: str, release: Release, policy: DisclosurePolicy, site_id: str, withheld: dict[str, int]) -> dict[str, Any]:
+    check_release(task, release, policy, site_id)
+    where = _non_finite(release.values, task)
+    if where is not None:
+        raise DataError(
+            f"site {site_id!r}: {where} is not a finite number, so it is not sent. Fix: check "
+            f"the cohort's counts for that analysis (e.g. an arm without events)."
+        )
+    if not release.parts:
+        return release.values
+    parts: dict[str, Any] = {}
+    for name, part in release.parts.items():
+        try:
+            parts[name] = _released(f"{task}.{name}", part, policy, site_id, withheld)
+        except DisclosureRefused as refusal:
+            withheld.update({f"{task}.{name}.{k}": v for k, v in refusal.counts.items()})
+            parts[name] = {"withheld": str(refusal)}
+    return {**release.values, "parts": parts}
+
+
+def guarded(handler: Handler, policy: DisclosurePolicy, site_id: str) -> Guarded:
+    """Run ``handler`` and return only releases that pass the policy (and hold finite numbers).
+
+    A small count in a task refuses the whole reply; in a separable part of a task it
+    withholds that part alone.
+    """
+    withheld: dict[str, int] = {}
+    values = {task: _released(task, release, policy, site_id, withheld) for task, release in handler().items()}
+    return Guarded(values, withheld)
