@@ -38,7 +38,7 @@ from site_agent.analyses.rows import AnalysisRows
 from site_agent.disclosure.guard import guarded
 from site_agent.settings import DisclosurePolicy
 from tests.pooled_reference import RELATIVE_TOLERANCE
-from tests.test_matching import brute_force
+from tests.test_matching import brute_force, literal_sets
 
 BASE = load_protocol(Path(__file__).parents[1] / "studies" / "ketamine_cud.yaml")
 COVARIATES = ["age", "sex_female", "depression"]
@@ -281,6 +281,27 @@ def test_matched_cox_equals_statsmodels_on_the_literal_matching(k: int) -> None:
     assert analysis["log_hr"] == pytest.approx(fit.params[0], rel=RELATIVE_TOLERANCE)
     assert analysis["se_log_hr"] == pytest.approx(fit.bse[0], rel=RELATIVE_TOLERANCE)
     assert analysis["matched_set_stratified"] is True
+
+
+def test_one_to_two_matched_cox_equals_statsmodels_stratified_by_matched_set() -> None:
+    frame = split(make_rows(900, whole_days=True, seed=6), 3)
+    study = protocol(matching={"ratio": 2, "caliper": 0.2})
+    result, beta = federated(frame, study)
+    design = np.column_stack([np.ones(len(frame)), frame[COVARIATES].to_numpy(float)])
+    frame = frame.assign(logit=design @ beta)
+    caliper = 0.2 * float(np.std(frame.logit, ddof=1))
+    set_of: dict[int, int] = {}
+    for _, site in frame.groupby("site_id"):
+        t, c = site[site.treatment == 1], site[site.treatment == 0]
+        sets = literal_sets(t.person_id.to_numpy(), t.logit.to_numpy(), c.person_id.to_numpy(), c.logit.to_numpy(), caliper, 2)
+        set_of.update({member: treated for treated, controls in sets.items() for member in (treated, *controls)})
+    matched = frame[frame.person_id.isin(set_of)]
+    fit = PHReg(matched.time.to_numpy(float), matched[["treatment"]].to_numpy(float), status=matched.event.to_numpy(int),
+                strata=matched.person_id.map(set_of).to_numpy(), ties="breslow").fit()
+    analysis = result["analyses"]["matched"]
+    assert analysis["n_comparator"] == (matched.treatment == 0).sum() > analysis["n_exposed"]
+    assert analysis["log_hr"] == pytest.approx(fit.params[0], rel=RELATIVE_TOLERANCE)
+    assert analysis["se_log_hr"] == pytest.approx(fit.bse[0], rel=RELATIVE_TOLERANCE)
 
 
 def test_an_analysis_with_small_counts_at_a_site_is_withheld_alone() -> None:
