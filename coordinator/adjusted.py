@@ -10,24 +10,25 @@ their meta-analysis, and the propensity-score histogram with a binned c-statisti
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
 
+from coordinator import ph_check
+from coordinator.fits import WeightedCoxFit
 from shared.errors import ConvergenceError
 from shared.protocol.model import StudyProtocol
 from shared.stats.balance import ArmMoments, standardized_differences
 from shared.stats.cox import EventTable
 from shared.stats.inference import wald_ratio
 from shared.stats.km import KaplanMeier, kaplan_meier, logrank_test
-from shared.stats.matched_cox import configurations_from_json, fit_matched_cox
+from shared.stats.matched_cox import Configuration, configurations_from_json, fit_matched_cox
 from shared.stats.meta import meta_analysis
 from shared.stats.risks import contrast_risks, rate_per_1000_person_years, risk_at
 from shared.stats.stratified_cox import (
     WeightSquares,
-    equality_test,
     fit_stratified_cox,
-    ph_windows_check,
 )
 
 Partials = list[dict[str, Any]]  # the "adjusted" task's values from every site, in site order
@@ -73,11 +74,14 @@ def _curve_json(curve: KaplanMeier) -> dict[str, list[float]]:
     }
 
 
-def _cox(name: str, parts: list[dict[str, Any]], window: int | None = None) -> tuple[float, float, str]:
+def _configurations(parts: list[dict[str, Any]]) -> Counter[Configuration]:
+    return sum((configurations_from_json(p["configurations"]) for p in parts), start=Counter())
+
+
+def _cox(name: str, parts: list[dict[str, Any]]) -> tuple[float, float, str]:
     """(log HR, SE, variance label) of one analysis over the given sites' parts."""
     if name == "matched":
-        counts = sum((configurations_from_json(p["configurations"]) for p in parts), start=configurations_from_json([]))
-        fit = fit_matched_cox(counts, window)
+        fit = fit_matched_cox(_configurations(parts))
         return fit.log_hr, fit.se, "model-based, conditional on the matched set"
     tables, squares = zip(*(_tables(p) for p in parts), strict=True)
     weighted = name != "crude"
@@ -85,32 +89,11 @@ def _cox(name: str, parts: list[dict[str, Any]], window: int | None = None) -> t
     return result.log_hr, result.se, "robust sandwich (Lin-Wei), weights as fixed" if weighted else "model-based"
 
 
-def _ph_check(name: str, parts: list[dict[str, Any]], cuts: list[int]) -> dict[str, Any]:
-    if not cuts:
-        return {"method": "none: the time at risk is too short to split"}
-    try:
-        if name == "matched":
-            fits = [_cox(name, parts, window) for window in range(len(cuts) + 1)]
-            log_hrs, ses = [f[0] for f in fits], [f[1] for f in fits]
-            statistic, _, p_value = equality_test(log_hrs, ses)
-            edges: list[int | None] = [0, *cuts, None]
-            windows = [[edges[i], edges[i + 1]] for i in range(len(cuts) + 1)]
-        else:
-            tables, squares = zip(*(_tables(p) for p in parts), strict=True)
-            check = ph_windows_check(list(tables), list(squares) if name != "crude" else None, [float(c) for c in cuts])
-            windows = [[int(a), None if b == float("inf") else int(b)] for a, b in check.windows]
-            statistic, p_value, log_hrs, ses = check.statistic, check.p_value, check.log_hr, check.se
-    except ConvergenceError as error:
-        return {"method": "hazard ratios in follow-up windows", "cut_days": cuts, "error": str(error)}
-    return {
-        "method": "hazard ratios in follow-up windows; Wald test of their equality",
-        "cut_days": cuts,
-        "windows": [
-            {"start_day": w[0], "end_day": w[1], "hr": float(np.exp(b)), "log_hr": b, "se_log_hr": s}
-            for w, b, s in zip(windows, log_hrs, ses, strict=True)
-        ],
-        "statistic": statistic, "df": len(cuts), "p_value": p_value,
-    }
+def _ph_check(name: str, parts: list[dict[str, Any]], cuts: list[int], log_hr: float) -> dict[str, Any]:
+    if name == "matched":
+        return ph_check.matched(_configurations(parts), cuts)
+    tables, squares = zip(*(_tables(p) for p in parts), strict=True)
+    return ph_check.from_tables(list(tables), list(squares) if name != "crude" else None, log_hr, cuts)
 
 
 def _describe(name: str, protocol: StudyProtocol) -> str:
@@ -126,20 +109,9 @@ def _describe(name: str, protocol: StudyProtocol) -> str:
     return text
 
 
-def analysis_result(name: str, parts: list[dict[str, Any]], protocol: StudyProtocol) -> dict[str, Any]:
-    """One analysis's estimates over all sites (``parts``: its values from every site)."""
-    total = {key: np.sum([p[key] for p in parts], axis=0).tolist() for key in
-             ("n", "events", "person_days", "weight", "weighted_events", "weighted_person_days")}
-    log_hr, se, variance = _cox(name, parts)
+def _header(name: str, protocol: StudyProtocol, log_hr: float, se: float, variance: str) -> dict[str, Any]:
     ratio = wald_ratio(log_hr, se)
-    pooled_part = _pooled_part(parts)
-    pooled = _tables(pooled_part)[0]
-    curves = {label: kaplan_meier(pooled, arm) for arm, label in _ARMS}
-    horizon = protocol.horizon_days()
-    risks = {label: risk_at(curves[label], horizon) for _, label in _ARMS}
-    contrast = contrast_risks(risks["exposed"], risks["comparator"])
-    logrank = logrank_test(pooled)
-    result: dict[str, Any] = {
+    return {
         "weights": _describe(name, protocol),
         "stabilized_weights": protocol.weighting.stabilized if name == "iptw_ate" else False,
         "model": "Cox proportional hazards, Breslow ties, treatment only, "
@@ -150,41 +122,92 @@ def analysis_result(name: str, parts: list[dict[str, Any]], protocol: StudyProto
         "hr": ratio.estimate, "ci_low": ratio.ci_low, "ci_high": ratio.ci_high, "ci_level": ratio.level,
         "log_hr": ratio.log_estimate, "se_log_hr": ratio.se, "p_value": ratio.p_value,
     }
-    if name != "matched":  # the same model with one baseline hazard for all sites (WebDISCO's design)
-        log_hr_pooled, se_pooled, _ = _cox(name, [pooled_part])
-        pooled_ratio = wald_ratio(log_hr_pooled, se_pooled)
-        result["pooled_baseline"] = {
-            "model": "as above, one baseline hazard for all sites (not stratified)",
-            "hr": pooled_ratio.estimate, "ci_low": pooled_ratio.ci_low, "ci_high": pooled_ratio.ci_high,
-            "log_hr": pooled_ratio.log_estimate, "se_log_hr": pooled_ratio.se,
-        }
+
+
+def _counts_block(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    total = {key: np.sum([p[key] for p in parts], axis=0).tolist() for key in
+             ("n", "events", "person_days", "weight", "weighted_events", "weighted_person_days")}
+    block: dict[str, Any] = {}
     for arm, label in _ARMS:
-        result[f"n_{label}"] = int(total["n"][arm])
-        result[f"events_{label}"] = int(total["events"][arm])
-        result[f"person_days_{label}"] = int(total["person_days"][arm])
-        result[f"weighted_n_{label}"] = total["weight"][arm]
-        result[f"weighted_events_{label}"] = total["weighted_events"][arm]
-        result[f"rate_per_1000py_{label}"] = rate_per_1000_person_years(
+        block[f"n_{label}"] = int(total["n"][arm])
+        block[f"events_{label}"] = int(total["events"][arm])
+        block[f"person_days_{label}"] = int(total["person_days"][arm])
+        block[f"weighted_n_{label}"] = total["weight"][arm]
+        block[f"weighted_events_{label}"] = total["weighted_events"][arm]
+        block[f"rate_per_1000py_{label}"] = rate_per_1000_person_years(
             total["weighted_events"][arm], total["weighted_person_days"][arm]
         )
+    return block
+
+
+def _survival_block(pooled: EventTable, protocol: StudyProtocol) -> dict[str, Any]:
+    """KM per arm, risks at the horizon with their ratio and difference, and the log-rank test."""
+    curves = {label: kaplan_meier(pooled, arm) for arm, label in _ARMS}
+    horizon = protocol.horizon_days()
+    risks = {label: risk_at(curves[label], horizon) for _, label in _ARMS}
+    logrank = logrank_test(pooled)
+    block: dict[str, Any] = {"horizon_days": horizon}
     for _, label in _ARMS:
         risk = risks[label]
-        result[f"risk_{label}"] = risk.risk
-        result[f"risk_{label}_ci_low"], result[f"risk_{label}_ci_high"] = risk.ci_low, risk.ci_high
-    result.update({
-        "horizon_days": horizon,
-        **contrast.to_json(),
+        block[f"risk_{label}"] = risk.risk
+        block[f"risk_{label}_ci_low"], block[f"risk_{label}_ci_high"] = risk.ci_low, risk.ci_high
+    block.update({
+        **contrast_risks(risks["exposed"], risks["comparator"]).to_json(),
         "logrank_p": logrank.p_value, "logrank_statistic": logrank.statistic,
         "km": {label: _curve_json(curves[label]) for _, label in _ARMS},
-        "ph_check": _ph_check(name, parts, protocol.cut_days()),
     })
-    return result
+    return block
 
 
-def _guarded_result(name: str, parts: list[dict[str, Any]], protocol: StudyProtocol) -> dict[str, Any]:
+_NO_TABLES = (
+    "a site's policy keeps event tables at the site: no Kaplan-Meier curves, risks or log-rank test; "
+    "the Cox fit ran in extra rounds of derivatives"
+)
+
+
+def analysis_result(
+    name: str, parts: list[dict[str, Any]], protocol: StudyProtocol, fit: WeightedCoxFit | None = None
+) -> dict[str, Any]:
+    """One analysis's estimates over all sites (``parts``: its values from every site).
+
+    With event tables everything is central; without them ``fit`` (the analysis's
+    :class:`~coordinator.fits.WeightedCoxFit`, not needed for matching) holds the Cox fit.
+    """
+    if "table" in parts[0]:
+        result = _header(name, protocol, *_cox(name, parts))
+        pooled_part = _pooled_part(parts)
+        if name != "matched":  # the same model with one baseline hazard for all sites (WebDISCO's design)
+            log_hr_pooled, se_pooled, _ = _cox(name, [pooled_part])
+            pooled_ratio = wald_ratio(log_hr_pooled, se_pooled)
+            result["pooled_baseline"] = {
+                "model": "as above, one baseline hazard for all sites (not stratified)",
+                "hr": pooled_ratio.estimate, "ci_low": pooled_ratio.ci_low, "ci_high": pooled_ratio.ci_high,
+                "log_hr": pooled_ratio.log_estimate, "se_log_hr": pooled_ratio.se,
+            }
+        return {**result, **_counts_block(parts), **_survival_block(_tables(pooled_part)[0], protocol),
+                "ph_check": _ph_check(name, parts, protocol.cut_days(), result["log_hr"])}
+    if name == "matched":
+        result = _header(name, protocol, *_cox(name, parts))
+        check = _ph_check(name, parts, protocol.cut_days(), result["log_hr"])
+    else:
+        assert fit is not None
+        assert fit.final is not None
+        final = fit.final
+        se = np.sqrt(final["meat"]) / final["information"] if fit.robust else np.sqrt(1.0 / final["information"])
+        variance = "robust sandwich (Lin-Wei), weights as fixed" if fit.robust else "model-based"
+        result = _header(name, protocol, final["log_hr"], float(se), variance)
+        result["convergence_check"] = {"rounds": fit.iterations, "max_abs_next_step": final["next_step"]}
+        check = ph_check.from_scores(final["windows"], final["window_meat"] if fit.robust else None, protocol.cut_days())
+    return {**result, **_counts_block(parts), "km": None, "logrank_p": None, "survival_note": _NO_TABLES,
+            "ph_check": check}
+
+
+def _guarded_result(
+    name: str, parts: list[dict[str, Any]], protocol: StudyProtocol, fit: WeightedCoxFit | None = None
+) -> dict[str, Any]:
     """The analysis's result, or its counts and the reason it has no estimate (never NaN)."""
     try:
-        return analysis_result(name, parts, protocol)
+        return analysis_result(name, parts, protocol, fit)
     except ConvergenceError as error:
         counts = {key: np.sum([p[key] for p in parts], axis=0).tolist() for key in ("n", "events")}
         return {
@@ -258,6 +281,13 @@ def meta(names: list[str], by_analysis: dict[str, list[tuple[str, dict[str, Any]
         sites: list[dict[str, Any]] = []
         excluded: list[dict[str, str]] = []
         for site_id, part in by_analysis[name]:
+            if "table" not in part and name != "matched":  # event tables stayed at the site
+                if not part.get("local_fit"):
+                    excluded.append({"site_id": site_id, "reason": "the site's own Cox model has no estimate"})
+                    continue
+                log_hr, se = part["local_fit"]["beta"], float(np.sqrt(part["local_fit"]["variance"]))
+                sites.append({"site_id": site_id, "log_hr": log_hr, "se_log_hr": se, "hr": float(np.exp(log_hr))})
+                continue
             try:
                 log_hr, se, _ = _cox(name, [part])
             except ConvergenceError as error:
@@ -271,7 +301,9 @@ def meta(names: list[str], by_analysis: dict[str, list[tuple[str, dict[str, Any]
     return out
 
 
-def combine(protocol: StudyProtocol, partials: Partials, site_ids: list[str]) -> dict[str, Any]:
+def combine(
+    protocol: StudyProtocol, partials: Partials, site_ids: list[str], cox_fits: dict[str, WeightedCoxFit] | None = None
+) -> dict[str, Any]:
     """Everything the adjusted round gives: analyses, balance, PS histogram, meta-analysis.
 
     An analysis a site withheld (a count below its minimum cell count) has no pooled
@@ -293,7 +325,7 @@ def combine(protocol: StudyProtocol, partials: Partials, site_ids: list[str]) ->
                          + " | ".join(reason for _, reason in withheld[name]),
             }
         else:
-            analyses[name] = _guarded_result(name, by_analysis[name], protocol)
+            analyses[name] = _guarded_result(name, by_analysis[name], protocol, (cox_fits or {}).get(name))
     meta_sites = {name: [(site, part) for site, part in zip(site_ids, by_analysis[name], strict=True)
                          if "withheld" not in part] for name in names}
     return {

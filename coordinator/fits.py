@@ -218,6 +218,68 @@ class PropensityFit:
         }
 
 
+class WeightedCoxFit:
+    """One analysis's (weighted) site-stratified Cox fit by Halley rounds, for sites that keep event tables.
+
+    Warm-started from the sites' own fits; once a Halley step is below ``tolerance`` (the
+    next iterate is then within about ``tolerance**3``), a final round brings, at that
+    point, the derivatives (model SE), the robust meat (robust SE) and the score and
+    information per follow-up window (the PH check's score test).
+    """
+
+    task = "weighted_cox"
+
+    def __init__(self, name: str, robust: bool, tolerance: float = 1e-5, max_rounds: int = 25) -> None:
+        self.name, self.robust = name, robust
+        self.tolerance, self.max_rounds = tolerance, max_rounds
+        self.beta = 0.0
+        self.iterations = 0
+        self.at_point = False
+        self.final: dict[str, Any] | None = None
+        self._previous: tuple[float, float] | None = None
+
+    @property
+    def converged(self) -> bool:
+        return self.final is not None
+
+    def warm_start(self, local_fits: list[dict[str, float] | None]) -> None:
+        """Inverse-variance weighted mean of the sites' own fits (0 when no site has one)."""
+        fits = [fit for fit in local_fits if fit]
+        if fits:
+            weights = np.array([1.0 / fit["variance"] for fit in fits])
+            self.beta = float(np.sum(weights * np.array([fit["beta"] for fit in fits])) / np.sum(weights))
+
+    def next_params(self) -> dict[str, Any]:
+        if self.iterations >= self.max_rounds:
+            raise ConvergenceError(
+                f"the {self.name} Cox model did not converge in {self.max_rounds} rounds (last log HR "
+                f"{self.beta!r}). Fix: check its per-arm event counts."
+            )
+        return {"beta": self.beta, "final": True} if self.at_point else {"beta": self.beta}
+
+    def absorb(self, partials: Partials) -> None:
+        total = _sum_cox(partials)
+        if self.at_point:
+            information = -float(total.hessian[0, 0])
+            meat = float(sum(p["meat"] for p in partials))
+            windows = np.sum([np.asarray(p["windows"], dtype=np.float64) for p in partials], axis=0)
+            window_meat = np.sum([np.asarray(p["window_meat"], dtype=np.float64) for p in partials], axis=0)
+            self.final = {
+                "log_hr": self.beta, "information": information, "meat": meat, "windows": windows,
+                "window_meat": window_meat,
+                "next_step": abs(float(halley_step(self.beta, total).step[0])),
+            }
+            return
+        self.iterations += 1
+        if self._previous is not None and total.loglik < self._previous[1] - 1e-9 * abs(self._previous[1]):
+            self.beta = 0.5 * (self.beta + self._previous[0])  # overshoot: halve the step
+            return
+        update = halley_step(self.beta, total)
+        self._previous = (self.beta, total.loglik)
+        self.beta = float(update.beta[0])
+        self.at_point = update.max_abs_step < self.tolerance
+
+
 def _sum_cox(partials: Partials) -> CoxDerivatives:
     return reduce(operator.add, (CoxDerivatives.from_json(p) for p in partials))
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator import adjusted
-from coordinator.fits import CrudeCoxFit, PropensityFit
+from coordinator.fits import CrudeCoxFit, PropensityFit, WeightedCoxFit
 from shared.errors import InsufficientSites, SiteError
 from shared.protocol.messages import RoundReply, RoundRequest
 from shared.protocol.model import StudyProtocol
@@ -48,7 +48,11 @@ class StudyPlan:
             self.propensity_fit = PropensityFit(self.protocol)
             self.fits.append(self.propensity_fit)
         self.adjusted: dict[str, Any] | None = None
+        self.event_tables = True  # False when any site's policy keeps event tables at the site
+        self.cox_fits: dict[str, WeightedCoxFit] = {}
+        self._adjusted_partials: list[dict[str, Any]] | None = None
         self._final_round_done = False
+        self._kind = "summary"
 
     def next_request(self) -> RoundRequest | None:
         """The next round's request, or None when the study is complete."""
@@ -59,12 +63,17 @@ class StudyPlan:
         pending = [fit for fit in self.fits if not fit.converged]
         if pending:
             return self._request("newton", {fit.task: fit.next_params() for fit in pending})
-        if self.propensity_fit is None or self._final_round_done:
+        if self.propensity_fit is None:
             return None
-        tasks = {"propensity": {"beta": self.propensity_fit.beta.tolist()}}
-        if self.protocol.adjusted_analyses():
-            tasks["adjusted"] = self._adjusted_params()
-        return self._request("adjusted", tasks)
+        if not self._final_round_done:
+            tasks = {"propensity": {"beta": self.propensity_fit.beta.tolist()}}
+            if self.protocol.adjusted_analyses():
+                tasks["adjusted"] = {**self._adjusted_params(), "event_tables": self.event_tables}
+            return self._request("adjusted", tasks)
+        cox_pending = {name: fit.next_params() for name, fit in self.cox_fits.items() if not fit.converged}
+        if cox_pending:
+            return self._request("cox", {"weighted_cox": {"propensity": self._adjusted_params(), "fits": cox_pending}})
+        return None
 
     def _adjusted_params(self) -> dict[str, Any]:
         assert self.propensity_fit is not None
@@ -77,6 +86,7 @@ class StudyPlan:
         }
 
     def _request(self, name: str, tasks: dict[str, dict[str, Any]]) -> RoundRequest:
+        self._kind = name
         return RoundRequest(
             study_id=self.protocol.study_id,
             run_id=self.run_id,
@@ -101,30 +111,56 @@ class StudyPlan:
                 f"cannot change sites half-way. Fix: rerun the study when all sites are up."
             )
         ordered = [replies[site_id].results for site_id in sorted(replies)]
-        if self._round == 0:
-            for site_id in sorted(replies):
-                self._absorb_summary(site_id, replies[site_id].results)
-            without_events = [arm for arm in _ARMS if sum(s[f"events_{arm}"] for s in self.sites.values()) == 0]
-            if without_events:
-                self.crude.give_up(
-                    f"no finite hazard ratio: the {' and '.join(without_events)} arm has no events at any "
-                    f"site. Fix: lengthen the time at risk or check the outcome's codes."
-                )
-            for fit in self.fits:
-                if not fit.converged:
-                    fit.warm_start([results[fit.task] for results in ordered])
-        elif self.propensity_fit is not None and self.propensity_fit.converged and all(f.converged for f in self.fits):
-            self.propensity_fit.finish([results["propensity"] for results in ordered])
-            if "adjusted" in ordered[0]:
-                self.adjusted = adjusted.combine(
-                    self.protocol, [results["adjusted"] for results in ordered], sorted(replies)
-                )
-            self._final_round_done = True
-        else:
+        if self._kind == "summary":
+            self._absorb_summaries(replies, ordered)
+        elif self._kind == "newton":
             for fit in self.fits:
                 if fit.task in ordered[0]:
                     fit.absorb([results[fit.task] for results in ordered])
+        elif self._kind == "adjusted":
+            assert self.propensity_fit is not None
+            self.propensity_fit.finish([results["propensity"] for results in ordered])
+            if "adjusted" in ordered[0]:
+                self._absorb_adjusted([results["adjusted"] for results in ordered], sorted(replies))
+            self._final_round_done = True
+        else:  # "cox": a step (or the final round) of every weighted Cox fit still open
+            for name, cox_fit in self.cox_fits.items():
+                if name in ordered[0]["weighted_cox"]["parts"]:
+                    cox_fit.absorb([results["weighted_cox"]["parts"][name] for results in ordered])
+            if all(fit.converged for fit in self.cox_fits.values()):
+                assert self._adjusted_partials is not None
+                self.adjusted = adjusted.combine(self.protocol, self._adjusted_partials, sorted(replies), self.cox_fits)
         self._round += 1
+
+    def _absorb_summaries(self, replies: dict[str, RoundReply], ordered: list[dict[str, Any]]) -> None:
+        for site_id in sorted(replies):
+            self._absorb_summary(site_id, replies[site_id].results)
+        self.event_tables = all(site["provenance"].get("event_tables_allowed", True) for site in self.sites.values())
+        without_events = [arm for arm in _ARMS if sum(s[f"events_{arm}"] for s in self.sites.values()) == 0]
+        if without_events:
+            self.crude.give_up(
+                f"no finite hazard ratio: the {' and '.join(without_events)} arm has no events at any "
+                f"site. Fix: lengthen the time at risk or check the outcome's codes."
+            )
+        for fit in self.fits:
+            if not fit.converged:
+                fit.warm_start([results[fit.task] for results in ordered])
+
+    def _absorb_adjusted(self, partials: list[dict[str, Any]], site_ids: list[str]) -> None:
+        """With event tables everything is central now; without, weighted Cox fits start."""
+        if all(p["event_tables"] for p in partials):
+            self.adjusted = adjusted.combine(self.protocol, partials, site_ids)
+            return
+        self._adjusted_partials = partials
+        for name in ("crude", *self.protocol.adjusted_analyses()):
+            parts = [p["parts"][name] for p in partials]
+            if name == "matched" or any("withheld" in part for part in parts):
+                continue  # matching needs no rounds; a withheld analysis has no pooled fit
+            cox_fit = WeightedCoxFit(name, robust=name != "crude")
+            cox_fit.warm_start([part.get("local_fit") for part in parts])
+            self.cox_fits[name] = cox_fit
+        if not self.cox_fits:
+            self.adjusted = adjusted.combine(self.protocol, partials, site_ids, self.cox_fits)
 
     def _absorb_summary(self, site_id: str, results: dict[str, Any]) -> None:
         summary = results["arm_summary"]

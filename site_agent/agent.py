@@ -18,7 +18,7 @@ from shared.omop import STUDY_TABLES
 from shared.protocol.messages import RoundReply, RoundRequest, decode_request, is_ping
 from shared.protocol.model import StudyProtocol, parse_protocol
 from shared.stats.cox import EventTable
-from site_agent.analyses.adjusted import adjusted
+from site_agent.analyses.adjusted import adjusted, weighted_cox
 from site_agent.analyses.counts import arm_summary, attrition
 from site_agent.analyses.cox import crude_cox
 from site_agent.analyses.propensity import propensity
@@ -54,14 +54,14 @@ class _StudyState:
 
 _ALWAYS_ALLOWED = frozenset({"provenance", "attrition", "arm_summary"})
 _TASKS_OF_ANALYSIS = {
-    "crude": "crude_cox", "propensity": "propensity",
-    "matched": "adjusted", "iptw_ate": "adjusted", "iptw_att": "adjusted", "overlap": "adjusted",
+    "crude": {"crude_cox"}, "propensity": {"propensity"},
+    **{name: {"adjusted", "weighted_cox"} for name in ("matched", "iptw_ate", "iptw_att", "overlap")},
 }
 
 
 def allowed_tasks(protocol: StudyProtocol) -> frozenset[str]:
     """The partial computations a protocol's analyses need; nothing else runs."""
-    return _ALWAYS_ALLOWED | {_TASKS_OF_ANALYSIS[name] for name in protocol.analyses}
+    return _ALWAYS_ALLOWED.union(*(_TASKS_OF_ANALYSIS[name] for name in protocol.analyses))
 
 
 class SiteAgent:
@@ -204,18 +204,24 @@ class SiteAgent:
         protocol = self._protocol(request)
         state = self._state(protocol)
         limit = self.settings.policy.max_abs_coefficient
-        min_cell_count = self.settings.policy.min_cell_count
+        policy = self.settings.policy
+        min_cell_count = policy.min_cell_count
         partials = {
             "attrition": lambda params: attrition(state.dataset.attrition, min_cell_count),
             "arm_summary": lambda params: arm_summary(state.events),
             "crude_cox": lambda params: crude_cox(state.events, params, limit),
             "propensity": lambda params: propensity(state.rows, params, limit),
-            "adjusted": lambda params: adjusted(state.rows, protocol, params, limit, min_cell_count),
+            "adjusted": lambda params: adjusted(
+                state.rows, protocol, params, limit, min_cell_count,
+                event_tables=policy.event_tables and bool(params.get("event_tables", True)),
+            ),
+            "weighted_cox": lambda params: weighted_cox(state.rows, protocol, params, limit),
             "provenance": lambda params: Release({
                 "input_versions": state.dataset.input_versions,
                 "dataset_version": state.dataset.delta_version,
                 "dataset_rebuilt": state.dataset.rebuilt,
                 "cohort_seconds": state.dataset.build_seconds,
+                "event_tables_allowed": policy.event_tables,
             }),
         }
         return {name: partials[name](params) for name, params in request.tasks.items()}

@@ -33,6 +33,13 @@ class DisclosurePolicy(_Settings):
         default=10, ge=1, le=1000,
         description="Smallest non-zero count of persons or events that may be released.",
     )
+    event_tables: bool = Field(
+        default=True,
+        description=(
+            "Whether per-day event tables (events and exits per follow-up day) may leave the site. "
+            "Without them: no Kaplan-Meier curves or risks, and weighted Cox fits take extra rounds."
+        ),
+    )
     max_abs_coefficient: float = Field(
         default=20.0, gt=0, le=100,
         description=(

@@ -13,7 +13,7 @@ from shared.errors import FedRWEError
 from shared.protocol.messages import RoundReply, RoundRequest
 from shared.protocol.model import StudyProtocol
 from shared.stats.cox import EventTable
-from site_agent.analyses.adjusted import adjusted
+from site_agent.analyses.adjusted import adjusted, weighted_cox
 from site_agent.analyses.counts import arm_summary
 from site_agent.analyses.cox import crude_cox
 from site_agent.analyses.propensity import propensity
@@ -51,12 +51,16 @@ class RowsSite:
     def reply(self, request: RoundRequest) -> RoundReply:
         limit, cells = self.policy.max_abs_coefficient, self.policy.min_cell_count
         partials = {
-            "provenance": lambda p: Release({"input_versions": {}, "dataset_version": 0}),
+            "provenance": lambda p: Release({
+                "input_versions": {}, "dataset_version": 0, "event_tables_allowed": self.policy.event_tables,
+            }),
             "attrition": lambda p: Release({"steps": []}),
             "arm_summary": lambda p: arm_summary(self.table),
             "crude_cox": lambda p: crude_cox(self.table, p, limit),
             "propensity": lambda p: propensity(self.rows, p, limit),
-            "adjusted": lambda p: adjusted(self.rows, self.protocol, p, limit, cells),
+            "adjusted": lambda p: adjusted(self.rows, self.protocol, p, limit, cells,
+                                           self.policy.event_tables and bool(p.get("event_tables", True))),
+            "weighted_cox": lambda p: weighted_cox(self.rows, self.protocol, p, limit),
         }
         try:
             results = guarded(lambda: {t: partials[t](p) for t, p in request.tasks.items()}, self.policy, self.site_id).values

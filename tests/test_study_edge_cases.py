@@ -83,3 +83,39 @@ def test_perfect_separation_is_refused_by_the_sites_with_the_fix() -> None:
     frame["sex_female"] = frame.treatment  # sex separates the arms
     with pytest.raises((SiteError, ConvergenceError), match=r"separat"):
         run(frame)
+
+
+def exchanges(frame: pd.DataFrame, policies: dict[str, DisclosurePolicy]) -> tuple[StudyPlan, int]:
+    sites = [
+        RowsSite(site_id, rows_from_frame(rows, COVARIATES), STUDY, policies[site_id])
+        for site_id, rows in frame.groupby("site_id")
+    ]
+    plan, count = StudyPlan(STUDY), 0
+    while (request := plan.next_request()) is not None:
+        plan.absorb({site.site_id: site.reply(request) for site in sites})
+        count += 1
+    return plan, count
+
+
+def test_without_event_tables_the_cox_fits_equal_the_central_ones_in_at_most_ten_exchanges() -> None:
+    """One site's policy keeps event tables home: Cox fits by rounds of derivatives, same numbers."""
+    frame = base(seed=23)
+    with_tables, few = exchanges(frame, dict.fromkeys(frame.site_id.unique(), POLICY))
+    keeping = {**dict.fromkeys(frame.site_id.unique(), POLICY), "site_1": DisclosurePolicy(min_cell_count=1, event_tables=False)}
+    without, many = exchanges(frame, keeping)
+    assert few == 5
+    assert many <= 10
+    central, rounds = with_tables.analyses(), without.analyses()
+    for name in ("crude", "matched", "iptw_ate", "iptw_att", "overlap"):
+        assert rounds[name]["log_hr"] == pytest.approx(central[name]["log_hr"], rel=RELATIVE_TOLERANCE), name
+        assert rounds[name]["se_log_hr"] == pytest.approx(central[name]["se_log_hr"], rel=RELATIVE_TOLERANCE), name
+        assert rounds[name]["n_exposed"] == central[name]["n_exposed"]
+        assert rounds[name]["km"] is None
+        assert rounds[name]["ph_check"]["p_value"] == pytest.approx(central[name]["ph_check"]["p_value"], rel=1e-7)
+        assert "event tables" in rounds[name]["survival_note"]
+    results = build_results(without, [])
+    json.dumps(results, allow_nan=False)
+    for name in ("iptw_ate", "matched"):  # per-site estimates for the meta-analysis come from the sites' own fits
+        expected = {s["site_id"]: s["log_hr"] for s in build_results(with_tables, [])["meta"][name]["sites"]}
+        for site in results["meta"][name]["sites"]:
+            assert site["log_hr"] == pytest.approx(expected[site["site_id"]], rel=1e-9)

@@ -63,22 +63,57 @@ def stratum_derivatives(table: EventTable, beta: float, days: tuple[float, float
     ])
 
 
-def stratum_meat(
-    table: EventTable, squares: WeightSquares, beta: float, days: tuple[float, float] | None = None
-) -> float:
-    """``sum_i w_i^2 U_i^2`` for one stratum, U_i the row's score residual at ``beta``."""
+def _residuals(table: EventTable, beta: float, days: tuple[float, float] | None) -> list[tuple[FloatArray, FloatArray]]:
+    """Per arm, the score residual of a row exiting on each day with an event, and without one."""
     mask = _event_day_mask(table, days)
     deaths_all, share_all, s0_all = np.zeros(len(table.time)), np.zeros(len(table.time)), np.ones(len(table.time))
     deaths_all[mask], share_all[mask], s0_all[mask] = _share(table, beta, mask)
     hazard = np.where(mask, deaths_all / s0_all, 0.0)  # Breslow increments of the baseline
-    meat = 0.0
+    residuals = []
     for arm in (0, 1):
-        residual_at_event = np.where(mask, arm - share_all, 0.0)
         # Compensator up to and including each day: risk of the row times its centred covariate.
         compensator = np.cumsum((arm - share_all) * np.exp(beta * arm) * hazard)
-        on_event = residual_at_event - compensator
-        meat += float(np.sum(squares.events[arm] * on_event**2 + squares.censored[arm] * compensator**2))
+        residuals.append((np.where(mask, arm - share_all, 0.0) - compensator, -compensator))
+    return residuals
+
+
+def window_meat(
+    table: EventTable, squares: WeightSquares, beta: float, windows: list[tuple[float, float] | None]
+) -> FloatArray:
+    """``sum_i w_i^2 U_i U_i'`` for one stratum, ``U_i`` the row's score residuals per window."""
+    per_window = [_residuals(table, beta, days) for days in windows]
+    meat = np.zeros((len(windows), len(windows)))
+    for arm in (0, 1):
+        on_event = np.stack([window[arm][0] for window in per_window])
+        censored = np.stack([window[arm][1] for window in per_window])
+        meat += (on_event * squares.events[arm]) @ on_event.T + (censored * squares.censored[arm]) @ censored.T
     return meat
+
+
+def stratum_meat(
+    table: EventTable, squares: WeightSquares, beta: float, days: tuple[float, float] | None = None
+) -> float:
+    """``sum_i w_i^2 U_i^2`` for one stratum, U_i the row's score residual at ``beta``."""
+    return float(window_meat(table, squares, beta, [days])[0, 0])
+
+
+def ph_score_test(score: FloatArray, information: FloatArray, meat: FloatArray | None = None) -> tuple[float, int, float]:
+    """Score test that the log HR is the same in every window, at the common estimate.
+
+    ``score`` and ``information`` are per window at the common estimate (the scores sum
+    to 0 there). Model-based: ``sum_k U_k^2 / I_k`` (the information is block-diagonal
+    over windows). Robust (``meat``: the sum over rows of ``w^2 U U'``): the scores'
+    sandwich covariance with the common estimate's own error projected out, so weighted
+    fits get a test that treats the weights as fixed, not as frequencies.
+    """
+    df = len(score) - 1
+    if meat is None:
+        statistic = float(np.sum(score**2 / information))
+    else:
+        projection = np.eye(len(score)) - np.outer(information, np.ones(len(score))) / information.sum()
+        covariance = projection @ meat @ projection.T
+        statistic = float(score @ np.linalg.pinv(covariance, rcond=1e-10, hermitian=True) @ score)
+    return statistic, df, float(stats.chi2.sf(statistic, df))
 
 
 @dataclass(frozen=True)

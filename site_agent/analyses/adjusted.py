@@ -11,6 +11,8 @@ The coordinator's half is ``coordinator/adjusted.py``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -18,11 +20,19 @@ from numpy.typing import NDArray
 from scipy.special import expit
 from scipy.stats import rankdata
 
-from shared.errors import ProtocolError
+from shared.errors import ConvergenceError, ProtocolError
 from shared.protocol.model import StudyProtocol
 from shared.stats.balance import arm_moments
+from shared.stats.cox import EventTable, binary_cox_derivatives
 from shared.stats.matched_cox import configurations_to_json, risk_set_configurations
 from shared.stats.matching import greedy_match_sets
+from shared.stats.stratified_cox import (
+    WeightSquares,
+    fit_stratified_cox,
+    stratum_derivatives,
+    stratum_meat,
+    window_meat,
+)
 from shared.stats.weights import propensity_weights
 from site_agent.analyses.limits import check_coefficients
 from site_agent.analyses.release import Release
@@ -106,14 +116,17 @@ def matched_weights(rows: AnalysisRows, logit: NDArray[np.float64], caliper: flo
     return weight, set_id
 
 
-def adjusted(
-    rows: AnalysisRows, protocol: StudyProtocol, params: dict[str, Any], max_abs_coefficient: float, min_cell_count: int
-) -> Release:
-    """Every propensity-score analysis of the protocol on this site's rows, as aggregates.
+@dataclass(frozen=True)
+class Scored:
+    """The site's rows scored by the global propensity model, and each analysis's weights."""
 
-    Each analysis is a separable part of the release: if one has a count below the site's
-    minimum, the guard withholds that analysis alone.
-    """
+    score: NDArray[np.float64]
+    weights: dict[str, NDArray[np.float64]]
+    set_id: NDArray[np.int64] | None  # matched set per row (-1 unmatched), when matching runs
+
+
+def score_and_weight(rows: AnalysisRows, protocol: StudyProtocol, params: dict[str, Any], max_abs_coefficient: float) -> Scored:
+    """Propensity scores at ``params['beta']``, matching within the site, and every analysis's weights."""
     beta = np.asarray(params["beta"], dtype=np.float64)
     if beta.shape != (rows.design.shape[1],):
         raise ProtocolError(
@@ -121,40 +134,101 @@ def adjusted(
             f"columns. Fix: run the same protocol and fedrwe version everywhere."
         )
     check_coefficients("propensity", beta, max_abs_coefficient)
-    caliper, exposed_share = float(params["caliper"]), float(params["exposed_share"])
     logit = rows.design @ beta
     score = expit(logit)
-    covariates = rows.design[:, 1:]
-    treatment = rows.treatment.astype(np.int64)
-    cuts = protocol.cut_days()
-    values: dict[str, Any] = {
-        "histogram": _histogram(score, rows.treatment, min_cell_count),
-        "c_statistic": within_site_c_statistic(score, rows.treatment),
-    }
-    parts: dict[str, Release] = {}
-    everyone = np.ones(len(treatment))
-    for name in ("crude", *protocol.adjusted_analyses()):
-        set_id = None
-        if name == "crude":
-            weight = everyone
-        elif name == "matched":
-            weight, set_id = matched_weights(rows, logit, caliper, protocol.matching.ratio)
+    weights = {"crude": np.ones(len(score))}
+    set_id = None
+    for name in protocol.adjusted_analyses():
+        if name == "matched":
+            weights[name], set_id = matched_weights(rows, logit, float(params["caliper"]), protocol.matching.ratio)
         else:
-            weight = propensity_weights(
+            weights[name] = propensity_weights(
                 score, rows.treatment, _ESTIMAND[name],  # type: ignore[arg-type]
-                stabilized=protocol.weighting.stabilized, exposed_share=exposed_share,
+                stabilized=protocol.weighting.stabilized, exposed_share=float(params["exposed_share"]),
                 trim=protocol.weighting.trim, truncate_at=protocol.weighting.truncate_at,
             )
+    return Scored(score, weights, set_id)
+
+
+def _counts(part: dict[str, Any]) -> dict[str, int]:
+    return {f"{key}_{label}": part[key][arm] for key in ("n", "events") for arm, label in ((0, "comparator"), (1, "exposed"))}
+
+
+def adjusted(
+    rows: AnalysisRows, protocol: StudyProtocol, params: dict[str, Any], max_abs_coefficient: float,
+    min_cell_count: int, event_tables: bool = True,
+) -> Release:
+    """Every propensity-score analysis of the protocol on this site's rows, as aggregates.
+
+    Each analysis is a separable part of the release: if one has a count below the site's
+    minimum, the guard withholds that analysis alone. Without ``event_tables`` (the site's
+    policy keeps event days at the site) a part carries the site's own fit instead of its
+    event table, and the weighted Cox models continue in ``weighted_cox`` rounds.
+    """
+    scored = score_and_weight(rows, protocol, params, max_abs_coefficient)
+    treatment = rows.treatment.astype(np.int64)
+    values: dict[str, Any] = {
+        "histogram": _histogram(scored.score, rows.treatment, min_cell_count),
+        "c_statistic": within_site_c_statistic(scored.score, rows.treatment),
+        "event_tables": event_tables,
+    }
+    parts: dict[str, Release] = {}
+    for name, weight in scored.weights.items():
         part: dict[str, Any] = {
             **_arm_counts(rows, weight),
-            "moments": arm_moments(covariates, treatment, weight).to_json(),
-            "table": event_table_json(rows, weight),
+            "moments": arm_moments(rows.design[:, 1:], treatment, weight).to_json(),
         }
-        if set_id is not None:
-            matched = set_id >= 0
+        if event_tables:
+            part["table"] = event_table_json(rows, weight)
+        elif name != "matched":
+            part["local_fit"] = local_fit(rows, weight, robust=name != "crude")
+        if name == "matched" and scored.set_id is not None:
+            matched = scored.set_id >= 0
             part["configurations"] = configurations_to_json(risk_set_configurations(
-                set_id[matched], treatment[matched], rows.time[matched], rows.event[matched], cuts,
+                scored.set_id[matched], treatment[matched], rows.time[matched], rows.event[matched], protocol.cut_days(),
             ))
-        counts = {f"{key}_{label}": part[key][arm] for key in ("n", "events") for arm, label in ((0, "comparator"), (1, "exposed"))}
-        parts[name] = Release(part, counts)
+        parts[name] = Release(part, _counts(part))
     return Release(values, parts=parts)
+
+
+def _site_table(rows: AnalysisRows, weight: NDArray[np.float64]) -> tuple[EventTable, WeightSquares]:
+    table = event_table_json(rows, weight)
+    arrays = {k: np.asarray(table[k], dtype=np.float64).reshape(2, -1) for k in ("events", "exits", "events_sq", "censored_sq")}
+    time = np.asarray(table["time"])
+    return EventTable(time, arrays["events"], arrays["exits"]), WeightSquares(arrays["events_sq"], arrays["censored_sq"])  # type: ignore[arg-type]
+
+
+def local_fit(rows: AnalysisRows, weight: NDArray[np.float64], robust: bool) -> dict[str, float] | None:
+    """The site's own (weighted) Cox fit, a warm start for the federated one (None if it has none)."""
+    table, squares = _site_table(rows, weight)
+    try:
+        fit = fit_stratified_cox([table], [squares] if robust else None, what="the site's own Cox model")
+    except ConvergenceError:
+        return None
+    return {"beta": fit.log_hr, "variance": fit.se**2}
+
+
+def weighted_cox(
+    rows: AnalysisRows, protocol: StudyProtocol, params: dict[str, Any], max_abs_coefficient: float
+) -> Release:
+    """Derivatives of each analysis's weighted Cox likelihood at the coordinator's log HR.
+
+    With ``final``, also the robust meat and, per follow-up window, the score and
+    information at that point (the PH check's score test). No event day leaves.
+    """
+    scored = score_and_weight(rows, protocol, params["propensity"], max_abs_coefficient)
+    cuts = [0.0, *protocol.cut_days(), float("inf")]
+    parts: dict[str, Release] = {}
+    for name, fit in params["fits"].items():
+        beta = float(fit["beta"])
+        check_coefficients(f"weighted_cox.{name}", np.array([beta]), max_abs_coefficient)
+        weight = scored.weights[name]
+        table, squares = _site_table(rows, weight)
+        part: dict[str, Any] = binary_cox_derivatives(table, beta).to_json()
+        if fit.get("final"):
+            windows = list(pairwise(cuts))
+            part["meat"] = stratum_meat(table, squares, beta)
+            part["windows"] = [stratum_derivatives(table, beta, window)[1:].tolist() for window in windows]
+            part["window_meat"] = window_meat(table, squares, beta, list(windows)).tolist()
+        parts[name] = Release(part, _counts(_arm_counts(rows, weight)))
+    return Release({}, parts=parts)
