@@ -17,7 +17,7 @@ import numpy as np
 
 from shared.errors import ConvergenceError
 from shared.protocol.model import StudyProtocol
-from shared.stats.cox import CoxDerivatives, halley_step, newton_step
+from shared.stats.cox import CoxDerivatives, NewtonStep, halley_step, newton_step
 from shared.stats.inference import wald_ratio
 from shared.stats.logistic import (
     LogisticDerivatives,
@@ -29,7 +29,34 @@ from shared.stats.logistic import (
 Partials = list[dict[str, Any]]  # one task's results from every site, in site order
 
 
-class CrudeCoxFit:
+class _HalleyFit:
+    """One log HR by Halley steps over rounds, warm-started from the sites' own fits."""
+
+    def __init__(self) -> None:
+        self.beta = 0.0
+        self.iterations = 0
+        self._previous: tuple[float, float] | None = None
+
+    def _warm_start_from(self, local_fits: list[dict[str, float] | None]) -> bool:
+        """Inverse-variance weighted mean of the sites' own fits; False when no site has one."""
+        fits = [fit for fit in local_fits if fit]
+        if not fits:
+            return False
+        weights = np.array([1.0 / fit["variance"] for fit in fits])
+        self.beta = float(np.sum(weights * np.array([fit["beta"] for fit in fits])) / np.sum(weights))
+        return True
+
+    def _step(self, total: CoxDerivatives) -> NewtonStep | None:
+        """The next Halley step, or None after halving a step that lowered the likelihood."""
+        self.iterations += 1
+        if self._previous is not None and total.loglik < self._previous[1] - 1e-9 * abs(self._previous[1]):
+            self.beta = 0.5 * (self.beta + self._previous[0])  # overshoot: halve the step
+            return None
+        self._previous = (self.beta, total.loglik)
+        return halley_step(self.beta, total)
+
+
+class CrudeCoxFit(_HalleyFit):
     """Site-stratified Cox model with treatment only, by Halley steps (one parameter).
 
     With the third derivative the last step is taken centrally and the Hessian moved to
@@ -40,13 +67,11 @@ class CrudeCoxFit:
     MODEL = "Cox proportional hazards, Breslow ties, stratified by site, treatment only"
 
     def __init__(self, tolerance: float = 1e-6, max_rounds: int = 25) -> None:
+        super().__init__()
         self.tolerance = tolerance
         self.max_rounds = max_rounds
-        self.beta = 0.0
-        self.iterations = 0
         self.final: dict[str, float] | None = None
         self.error: str | None = None
-        self._previous: tuple[float, float] | None = None
 
     @property
     def converged(self) -> bool:
@@ -61,11 +86,7 @@ class CrudeCoxFit:
 
     def warm_start(self, partials: Partials) -> None:
         """Inverse-variance weighted mean of the sites' own fits (else one step from 0)."""
-        fits = [p["local_fit"] for p in partials if p.get("local_fit")]
-        if fits:
-            weights = np.array([1.0 / fit["variance"] for fit in fits])
-            self.beta = float(np.sum(weights * np.array([fit["beta"] for fit in fits])) / np.sum(weights))
-        else:
+        if not self._warm_start_from([p.get("local_fit") for p in partials]):
             self.beta = float(newton_step(np.zeros(1), _sum_cox(partials)).beta[0])
 
     def next_params(self) -> dict[str, Any]:
@@ -78,12 +99,9 @@ class CrudeCoxFit:
 
     def absorb(self, partials: Partials) -> None:
         total = _sum_cox(partials)
-        self.iterations += 1
-        if self._previous is not None and total.loglik < self._previous[1] - 1e-9 * abs(self._previous[1]):
-            self.beta = 0.5 * (self.beta + self._previous[0])  # overshoot: halve the step
+        update = self._step(total)
+        if update is None:
             return
-        update = halley_step(self.beta, total)
-        self._previous = (self.beta, total.loglik)
         if update.max_abs_step < self.tolerance:
             step = float(update.step[0])
             hessian = float(total.hessian[0, 0]) + (total.third or 0.0) * step
@@ -218,7 +236,7 @@ class PropensityFit:
         }
 
 
-class WeightedCoxFit:
+class WeightedCoxFit(_HalleyFit):
     """One analysis's (weighted) site-stratified Cox fit by Halley rounds, for sites that keep event tables.
 
     Warm-started from the sites' own fits; once a Halley step is below ``tolerance`` (the
@@ -230,13 +248,11 @@ class WeightedCoxFit:
     task = "weighted_cox"
 
     def __init__(self, name: str, robust: bool, tolerance: float = 1e-5, max_rounds: int = 25) -> None:
+        super().__init__()
         self.name, self.robust = name, robust
         self.tolerance, self.max_rounds = tolerance, max_rounds
-        self.beta = 0.0
-        self.iterations = 0
         self.at_point = False
         self.final: dict[str, Any] | None = None
-        self._previous: tuple[float, float] | None = None
 
     @property
     def converged(self) -> bool:
@@ -244,10 +260,7 @@ class WeightedCoxFit:
 
     def warm_start(self, local_fits: list[dict[str, float] | None]) -> None:
         """Inverse-variance weighted mean of the sites' own fits (0 when no site has one)."""
-        fits = [fit for fit in local_fits if fit]
-        if fits:
-            weights = np.array([1.0 / fit["variance"] for fit in fits])
-            self.beta = float(np.sum(weights * np.array([fit["beta"] for fit in fits])) / np.sum(weights))
+        self._warm_start_from(local_fits)
 
     def next_params(self) -> dict[str, Any]:
         if self.iterations >= self.max_rounds:
@@ -270,14 +283,10 @@ class WeightedCoxFit:
                 "next_step": abs(float(halley_step(self.beta, total).step[0])),
             }
             return
-        self.iterations += 1
-        if self._previous is not None and total.loglik < self._previous[1] - 1e-9 * abs(self._previous[1]):
-            self.beta = 0.5 * (self.beta + self._previous[0])  # overshoot: halve the step
-            return
-        update = halley_step(self.beta, total)
-        self._previous = (self.beta, total.loglik)
-        self.beta = float(update.beta[0])
-        self.at_point = update.max_abs_step < self.tolerance
+        update = self._step(total)
+        if update is not None:
+            self.beta = float(update.beta[0])
+            self.at_point = update.max_abs_step < self.tolerance
 
 
 def _sum_cox(partials: Partials) -> CoxDerivatives:
