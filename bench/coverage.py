@@ -25,8 +25,9 @@ and is a sample quantity, so its coverage can be a little conservative.
 
     .venv/bin/python bench/coverage.py --seeds 30 --patients 20000 [--start-seed 1000]
 
-Below ~20,000 patients the smallest site often refuses a release (min cell count 10) and
-the seed fails; ``--min-cell-count 1`` keeps such seeds (estimates are unchanged).
+Below ~20,000 patients the smallest site often withholds an analysis (a count below its
+minimum cell count 10), which then has no pooled estimate in that seed; ``--min-cell-count
+1`` keeps them (estimates are unchanged).
 """
 
 from __future__ import annotations
