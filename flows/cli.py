@@ -98,6 +98,20 @@ def protocol_check(protocol: Annotated[Path, typer.Argument(help="Study protocol
     Console().print(f"{loaded.study_id}: valid, sha256 {loaded.sha256()}")
 
 
+@protocol_app.command("schema")
+def protocol_schema(
+    out: Annotated[Path | None, typer.Option(help="Write the JSON Schema here instead of printing it.")] = None,
+) -> None:
+    """The protocol's JSON Schema (for editors and validators; docs/protocol.schema.json)."""
+    from shared.protocol.model import protocol_json_schema
+
+    text = protocol_json_schema()
+    if out is None:
+        print(text, end="")
+    else:
+        out.write_text(text, encoding="utf-8")
+
+
 def main() -> None:
     """Entry point: run the app; a fedrwe error is one clear line, exit code 2."""
     try:

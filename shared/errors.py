@@ -8,6 +8,8 @@ field), *what* (the value) and *the fix*.
      +-- SettingsError          a site's or a command's own settings are unusable
      +-- DataError              a site's tables are missing, broken or unusable
      |    +-- MissingTableError one OMOP table is absent at a site
+     |    +-- IngestError       an OMOP export cannot be loaded into the site's tables
+     |    +-- DataQualityError  the site's tables fail a check that blocks a study
      +-- DisclosureRefused      the site's disclosure guard refused a release
      +-- InsufficientSites      too few sites answered a round
      +-- ConvergenceError       an iterative fit did not converge
@@ -38,15 +40,31 @@ class DataError(FedRWEError):
 class MissingTableError(DataError):
     """An OMOP table the study needs is not present at a site."""
 
-    def __init__(self, site_id: str, table: str, path: str) -> None:
+    def __init__(self, site_id: str, table: str, path: str, needed_because: str | None = None) -> None:
         self.site_id = site_id
         self.table = table
         self.path = path
+        why = f"; the study needs it because {needed_because}" if needed_because else ""
         super().__init__(
-            f"site {site_id!r}: OMOP table {table!r} is missing (no Delta table at {path}). "
-            f"Fix: ingest the site's OMOP export ({table} included) into {path}, "
+            f"site {site_id!r}: OMOP table {table!r} is missing (no Delta table at {path}){why}. "
+            f"Fix: ingest the site's OMOP export ({table} included) into {path} (fedrwe site ingest), "
             f"or point the site's config `lake` at the folder that holds it."
         )
+
+
+class IngestError(DataError):
+    """An OMOP CDM export cannot be loaded; the site's tables are left as they were."""
+
+
+class DataQualityError(DataError):
+    """The site's OMOP tables fail a data-quality check that blocks a study.
+
+    ``report_path`` is where the full report (every finding, warnings too) was written.
+    """
+
+    def __init__(self, message: str, report_path: str | None = None) -> None:
+        super().__init__(message)
+        self.report_path = report_path
 
 
 class DisclosureRefused(FedRWEError):

@@ -12,6 +12,18 @@ from deltalake import write_deltalake
 
 from shared.omop import GENDER_MALE, RACE_WHITE, SCHEMAS, STUDY_TABLES, TYPE_EHR, VISIT_OUTPATIENT
 
+_EXTRA_SCHEMAS = {  # CDM 5.4 tables beyond the study subset, as the tests need them
+    "procedure_occurrence": pa.schema([
+        ("procedure_occurrence_id", pa.int64()), ("person_id", pa.int64()), ("procedure_concept_id", pa.int32()),
+        ("procedure_date", pa.date32()), ("procedure_type_concept_id", pa.int32()),
+        ("procedure_source_value", pa.string()),
+    ]),
+    "concept_ancestor": pa.schema([
+        ("ancestor_concept_id", pa.int32()), ("descendant_concept_id", pa.int32()),
+        ("min_levels_of_separation", pa.int32()), ("max_levels_of_separation", pa.int32()),
+    ]),
+}
+
 
 def d(text: str) -> dt.date:
     return dt.date.fromisoformat(text)
@@ -36,16 +48,16 @@ class OmopBuilder:
             "period_type_concept_id": TYPE_EHR,
         })
 
-    def condition(self, person_id: int, code: str, date: str) -> None:
+    def condition(self, person_id: int, code: str, date: str, concept: int = 0) -> None:
         self.rows["condition_occurrence"].append({
             "condition_occurrence_id": next(self._ids), "person_id": person_id,
-            "condition_concept_id": 0, "condition_start_date": d(date),
+            "condition_concept_id": concept, "condition_start_date": d(date),
             "condition_type_concept_id": TYPE_EHR, "condition_source_value": code,
         })
 
-    def drug(self, person_id: int, code: str, date: str) -> None:
+    def drug(self, person_id: int, code: str, date: str, concept: int = 0) -> None:
         self.rows["drug_exposure"].append({
-            "drug_exposure_id": next(self._ids), "person_id": person_id, "drug_concept_id": 0,
+            "drug_exposure_id": next(self._ids), "person_id": person_id, "drug_concept_id": concept,
             "drug_exposure_start_date": d(date), "drug_exposure_end_date": d(date),
             "drug_type_concept_id": TYPE_EHR, "drug_source_value": code,
         })
@@ -57,6 +69,18 @@ class OmopBuilder:
             "visit_type_concept_id": TYPE_EHR,
         })
 
+    def procedure(self, person_id: int, code: str, date: str, concept: int = 0) -> None:
+        self.rows.setdefault("procedure_occurrence", []).append({
+            "procedure_occurrence_id": next(self._ids), "person_id": person_id, "procedure_concept_id": concept,
+            "procedure_date": d(date), "procedure_type_concept_id": TYPE_EHR, "procedure_source_value": code,
+        })
+
+    def ancestor(self, ancestor: int, descendant: int, levels: int = 1) -> None:
+        self.rows.setdefault("concept_ancestor", []).append({
+            "ancestor_concept_id": ancestor, "descendant_concept_id": descendant,
+            "min_levels_of_separation": levels, "max_levels_of_separation": levels,
+        })
+
     def death(self, person_id: int, date: str) -> None:
         self.rows["death"].append({"person_id": person_id, "death_date": d(date)})
 
@@ -64,6 +88,6 @@ class OmopBuilder:
         for name, rows in self.rows.items():
             if name in skip:
                 continue
-            schema = SCHEMAS[name]
+            schema = SCHEMAS.get(name) or _EXTRA_SCHEMAS[name]
             columns = {f.name: [row.get(f.name) for row in rows] for f in schema}
             write_deltalake(str(lake / name), pa.table(columns, schema=schema), mode="overwrite")

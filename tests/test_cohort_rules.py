@@ -9,7 +9,7 @@ from pyspark.sql import SparkSession
 
 from shared.errors import MissingTableError
 from shared.omop import GENDER_FEMALE, RACE_BLACK, VISIT_EMERGENCY
-from shared.protocol.model import load_protocol
+from shared.protocol.model import StudyProtocol, load_protocol
 from site_agent.cohort.store import DatasetStore
 from site_agent.data.delta import DeltaBackend, OmopTables
 from tests.omop_builder import OmopBuilder
@@ -144,3 +144,67 @@ def test_missing_table_names_site_and_table(spark: SparkSession, tmp_path: Path)
     store = DatasetStore(backend, OmopTables(backend, tmp_path / "lake", "site_y"), tmp_path / "work", "site_y")
     with pytest.raises(MissingTableError, match=r"site 'site_y'.*'death'.*Fix"):
         store.get(PROTOCOL)
+
+
+# Standard concepts for the concept-set test (made-up ids in the local range).
+CUD, CUD_CHILD, REMISSION, ANAESTHESIA, KETAMINE_PROC, KETAMINE_PROC_CHILD, SEDATION = (
+    2_000_000_101, 2_000_000_102, 2_000_000_103, 2_000_000_200, 2_000_000_201, 2_000_000_202, 2_000_000_203,
+)
+
+
+def concept_protocol() -> StudyProtocol:
+    """Entry, outcome and arms by standard concepts; arms from procedures with descendants."""
+    data = PROTOCOL.model_dump(mode="json")
+    data["population"]["entry"] = {"concept_ids": [CUD], "include_descendants": True}
+    data["outcome"]["codes"] = {"concept_ids": [REMISSION]}
+    data["exposure"] = {"name": "ketamine (procedure)", "domain": "procedure",
+                        "codes": {"concept_ids": [KETAMINE_PROC], "include_descendants": True}}
+    data["comparator"] = {"name": "other anaesthesia", "domain": "procedure",
+                          "codes": {"concept_ids": [ANAESTHESIA], "include_descendants": True,
+                                    "exclude_concept_ids": [KETAMINE_PROC]}}
+    return StudyProtocol.model_validate(data)
+
+
+def concept_site() -> OmopBuilder:
+    b = OmopBuilder()
+    b.ancestor(CUD, CUD_CHILD)
+    for child in (KETAMINE_PROC, SEDATION):
+        b.ancestor(ANAESTHESIA, child)
+    b.ancestor(ANAESTHESIA, KETAMINE_PROC_CHILD, levels=2)
+    b.ancestor(KETAMINE_PROC, KETAMINE_PROC_CHILD)
+    # 1: entry by a descendant of CUD; ketamine procedure by a descendant; remission on day 31.
+    b.person(1)
+    b.condition(1, "x", "2015-01-01", concept=CUD_CHILD)
+    b.procedure(1, "p", "2016-01-01", concept=KETAMINE_PROC_CHILD)
+    b.condition(1, "y", "2016-02-01", concept=REMISSION)
+    # 2: comparator by sedation (a descendant of anaesthesia, not of ketamine).
+    b.person(2)
+    b.condition(2, "x", "2015-01-01", concept=CUD)
+    b.procedure(2, "p", "2016-01-01", concept=SEDATION)
+    # 3: a drug record with the ketamine concept does not count: the arms are procedures.
+    b.person(3)
+    b.condition(3, "x", "2015-01-01", concept=CUD)
+    b.drug(3, "d", "2016-01-01", concept=KETAMINE_PROC)
+    # 4: ketamine itself is excluded from the comparator, and is the exposure.
+    b.person(4)
+    b.condition(4, "x", "2015-01-01", concept=CUD)
+    b.procedure(4, "p", "2016-03-01", concept=KETAMINE_PROC)
+    return b
+
+
+def test_concept_sets_with_descendants_and_procedure_arms(spark: SparkSession, tmp_path: Path) -> None:
+    concept_site().write(tmp_path / "lake")
+    backend = DeltaBackend(spark, "site_c")
+    store = DatasetStore(backend, OmopTables(backend, tmp_path / "lake", "site_c"), tmp_path / "work", "site_c")
+    dataset = store.get(concept_protocol())
+    rows = {r["person_id"]: (r["treatment"], r["time"], r["event"]) for r in dataset.frame.collect()}
+    assert rows == {1: (1, 31, 1), 2: (0, 365, 0), 4: (1, 365, 0)}
+    assert set(dataset.input_versions) >= {"procedure_occurrence", "concept_ancestor"}
+
+
+def test_a_protocol_needing_concept_ancestor_names_the_reason(spark: SparkSession, tmp_path: Path) -> None:
+    concept_site().write(tmp_path / "lake", skip=("concept_ancestor",))
+    backend = DeltaBackend(spark, "site_d")
+    store = DatasetStore(backend, OmopTables(backend, tmp_path / "lake", "site_d"), tmp_path / "work", "site_d")
+    with pytest.raises(MissingTableError, match=r"site 'site_d'.*'concept_ancestor'.*include_descendants.*Fix"):
+        store.get(concept_protocol())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from shared.errors import ProtocolError
-from shared.protocol.model import load_protocol, parse_protocol
+from shared.protocol.model import load_protocol, parse_protocol, protocol_json_schema
 
 PROTOCOL = Path(__file__).parents[1] / "studies" / "ketamine_cud.yaml"
 
@@ -33,13 +34,21 @@ def test_the_reference_study_loads_with_stable_hash_and_columns() -> None:
         (lambda d: d.pop("outcome"), r"field `outcome`: Field required. Fix: add the field"),
         (lambda d: d.update(washout_dayz=365), r"field `washout_dayz`: Extra inputs .* fix its spelling"),
         (lambda d: d.update(washout_days="a year"), r"field `washout_days`.*\(got 'a year'\)"),
-        (lambda d: d["exposure"]["codes"].update(vocabulary="SNOMED"), r"exposure.codes.vocabulary"),
+        (lambda d: d["exposure"]["codes"].update(vocabulary="SNOMEDX"), r"exposure.codes.vocabulary"),
         (lambda d: d["exposure"]["codes"].update(include=["F14 .*"]), r"not a source code or a prefix"),
         (lambda d: d.update(time_at_risk={"start_day": 30, "end_day": 1}), r"end_day 1 is before start_day 30"),
         (lambda d: d.update(time_at_risk={"start_day": 0, "end_day": 365}), r"start_day must be 1"),
         (lambda d: d["covariates"].append({"name": "time", "kind": "visit_count", "visit_concept_ids": [1]}), r"reserved"),
         (lambda d: d["covariates"].append({"name": "sex2", "kind": "sex"}), r"repeated columns \['sex_female'\]"),
         (lambda d: d.update(analyses=["matched_magic"]), r"field `analyses.0`"),
+        (lambda d: d["outcome"].update(codes={"vocabulary": "ICD10CM"}), r"needs source codes .* or standard concepts"),
+        (lambda d: d["outcome"].update(codes={"concept_ids": [], "include_descendants": True, "include": ["F1"],
+                                              "vocabulary": "ICD10CM"}), r"`include_descendants` applies to"),
+        (lambda d: d["outcome"].update(codes={"include": ["F14.1"]}), r"need their `vocabulary`"),
+        (lambda d: d.update(analyses=["crude", "matched"]), r"use the propensity score: add 'propensity'"),
+        (lambda d: d.update(ph_check_cut_days=[200, 100]), r"must increase strictly"),
+        (lambda d: d.update(matching={"caliper": 0}), r"field `matching.caliper`"),
+        (lambda d: d["exposure"].update(domain="device"), r"field `exposure.domain`"),
     ],
 )
 def test_malformed_fields_are_named(change: Any, expected: str) -> None:
@@ -49,6 +58,15 @@ def test_malformed_fields_are_named(change: Any, expected: str) -> None:
         parse_protocol(data, "test.yaml")
 
 
+def test_a_concept_set_may_use_standard_concepts_with_descendants() -> None:
+    data = reference()
+    data["exposure"].update(domain="procedure", codes={"concept_ids": [4300000], "include_descendants": True,
+                                                        "exclude_concept_ids": [4300001]})
+    protocol = parse_protocol(data, "test.yaml")
+    assert protocol.exposure.codes.uses_descendants()
+    assert protocol.domains() == {"procedure", "drug"}
+
+
 def test_unreadable_files_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ProtocolError, match="cannot read protocol"):
         load_protocol(tmp_path / "missing.yaml")
@@ -56,3 +74,24 @@ def test_unreadable_files_are_clear(tmp_path: Path) -> None:
     broken.write_text("study_id: [unclosed\n")
     with pytest.raises(ProtocolError, match="not valid YAML"):
         load_protocol(broken)
+
+
+def _property_names(node: Any, found: set[str]) -> set[str]:
+    if isinstance(node, dict):
+        found.update(node.get("properties", {}))
+        for value in node.values():
+            _property_names(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _property_names(value, found)
+    return found
+
+
+def test_the_committed_json_schema_is_current_and_every_field_is_documented() -> None:
+    docs = Path(__file__).parents[1] / "docs"
+    assert (docs / "protocol.schema.json").read_text() == protocol_json_schema(), (
+        "regenerate it: fedrwe protocol schema --out docs/protocol.schema.json"
+    )
+    manual = (docs / "protocol.md").read_text()
+    undocumented = sorted(n for n in _property_names(json.loads(protocol_json_schema()), set()) if f"`{n}`" not in manual)
+    assert not undocumented, f"docs/protocol.md does not describe {undocumented}"

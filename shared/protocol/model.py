@@ -8,6 +8,7 @@ schema version adds standard concept ids with descendants, next to ``include``.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -26,12 +27,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class CodeSet(_Strict):
-    """Source codes of one vocabulary; ``F14.*`` matches every code starting with ``F14.``."""
+Vocabulary = Literal["ICD10CM", "ICD9CM", "ICD10PCS", "RxNorm", "CPT4", "HCPCS", "SNOMED", "LOINC", "NDC"]
 
-    vocabulary: Literal["ICD10CM", "RxNorm"] = Field(description="Vocabulary of the codes.")
-    include: list[str] = Field(min_length=1, description="Codes or prefixes ending in `*`.")
-    exclude: list[str] = Field(default_factory=list, description="Codes removed from `include`.")
+
+class CodeSet(_Strict):
+    """A concept set: source codes of one vocabulary and/or standard OMOP concepts.
+
+    Source codes match the table's ``*_source_value`` (``F14.*`` matches every code
+    starting with ``F14.``). Standard concepts match its ``*_concept_id``; with
+    ``include_descendants`` every descendant in the site's ``concept_ancestor`` table
+    matches too (as in OHDSI/ATLAS concept sets). A record matches when it matches either
+    part, and neither ``exclude`` nor ``exclude_concept_ids`` (descendants too, when
+    ``include_descendants``).
+    """
+
+    vocabulary: Vocabulary | None = Field(default=None, description="Vocabulary of the source codes.")
+    include: list[str] = Field(default_factory=list, description="Source codes or prefixes ending in `*`.")
+    exclude: list[str] = Field(default_factory=list, description="Source codes removed from `include`.")
+    concept_ids: list[int] = Field(default_factory=list, description="Standard OMOP concept ids.")
+    include_descendants: bool = Field(
+        default=False, description="Also match every descendant of `concept_ids` (needs concept_ancestor).",
+    )
+    exclude_concept_ids: list[int] = Field(default_factory=list, description="Concepts removed from the set.")
 
     @field_validator("include", "exclude")
     @classmethod
@@ -43,6 +60,20 @@ class CodeSet(_Strict):
                 )
         return codes
 
+    @model_validator(mode="after")
+    def _not_empty(self) -> CodeSet:
+        if not self.include and not self.concept_ids:
+            raise ValueError("a code set needs source codes (`include`) or standard concepts (`concept_ids`)")
+        if self.include and self.vocabulary is None:
+            raise ValueError("source codes (`include`) need their `vocabulary`, e.g. ICD10CM")
+        if self.include_descendants and not self.concept_ids:
+            raise ValueError("`include_descendants` applies to `concept_ids`; list some")
+        return self
+
+    def uses_descendants(self) -> bool:
+        """True when matching needs the site's concept_ancestor table."""
+        return self.include_descendants
+
 
 class Population(_Strict):
     """Who can enter the study: persons with an entry condition, of a minimum age at index."""
@@ -52,11 +83,15 @@ class Population(_Strict):
     min_age: int = Field(default=18, ge=0, le=120, description="Minimum age in years at index.")
 
 
+Domain = Literal["drug", "procedure"]
+
+
 class Exposure(_Strict):
-    """The drug given to the exposed arm."""
+    """The drug (or procedure: anaesthesia is often recorded as one) given to the exposed arm."""
 
     name: str = Field(min_length=1)
     codes: CodeSet
+    domain: Domain = Field(default="drug", description="drug_exposure or procedure_occurrence records.")
 
 
 class Comparator(_Strict):
@@ -64,6 +99,7 @@ class Comparator(_Strict):
 
     name: str = Field(min_length=1)
     codes: CodeSet
+    domain: Domain = Field(default="drug", description="drug_exposure or procedure_occurrence records.")
     never_exposed: bool = Field(
         default=True, description="Comparator patients never received the exposure drug."
     )
@@ -223,6 +259,15 @@ class StudyProtocol(_Strict):
             )
         return self
 
+    def code_sets(self) -> list[CodeSet]:
+        """Every concept set of the protocol (entry, arms, outcome, condition covariates)."""
+        sets = [self.population.entry, self.exposure.codes, self.comparator.codes, self.outcome.codes]
+        return sets + [c.codes for c in self.covariates if c.kind == "condition"]
+
+    def domains(self) -> set[str]:
+        """The record domains the arms are drawn from."""
+        return {self.exposure.domain, self.comparator.domain}
+
     def adjusted_analyses(self) -> list[str]:
         """The propensity-score analyses, in the order the protocol lists them."""
         return [name for name in self.analyses if name in ADJUSTED_ANALYSES]
@@ -261,6 +306,13 @@ class StudyProtocol(_Strict):
     def sha256(self) -> str:
         """Hex SHA-256 of the canonical bytes: the protocol's identity at every site."""
         return hashlib.sha256(self.canonical_bytes()).hexdigest()
+
+
+def protocol_json_schema() -> str:
+    """The protocol's JSON Schema as stable, indented JSON text."""
+    schema = StudyProtocol.model_json_schema()
+    schema["$id"] = "https://fedrwe.invalid/protocol/v1.schema.json"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 
 def _describe(error: ValidationError, source: str) -> str:

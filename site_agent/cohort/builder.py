@@ -13,11 +13,25 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from shared.omop import GENDER_FEMALE, RACE_ASIAN, RACE_BLACK, RACE_WHITE
-from shared.protocol.model import RACE_LEVELS, StudyProtocol
-from site_agent.cohort.codes import code_predicate
+from shared.protocol.model import RACE_LEVELS, CodeSet, StudyProtocol
+from site_agent.cohort.codes import code_predicate, resolve_concepts
 
 _RACE_CONCEPTS = {"black": RACE_BLACK, "asian": RACE_ASIAN}
-COHORT_RULES_VERSION = 1  # bump when a rule changes: cached datasets are then rebuilt
+COHORT_RULES_VERSION = 2  # bump when a rule changes: cached datasets are then rebuilt
+
+
+class _Matcher:
+    """Concept-set predicates over records with ``code`` and ``concept_id`` columns."""
+
+    def __init__(self, ancestors: DataFrame | None) -> None:
+        self._ancestors = ancestors
+        self._resolved: dict[str, list[int]] = {}
+
+    def __call__(self, codes: CodeSet) -> Column:
+        key = codes.model_dump_json()
+        if key not in self._resolved:
+            self._resolved[key] = resolve_concepts(codes, self._ancestors)
+        return code_predicate(F.col("code"), codes, F.col("concept_id"), self._resolved[key])
 
 
 @dataclass(frozen=True)
@@ -57,19 +71,21 @@ def _first_date_on_or_after_entry(drugs: DataFrame, entry: DataFrame, arm: Colum
     )
 
 
-def _candidates(protocol: StudyProtocol, conditions: DataFrame, drugs: DataFrame) -> tuple[DataFrame, DataFrame]:
+def _candidates(
+    protocol: StudyProtocol, conditions: DataFrame, records: dict[str, DataFrame], match: _Matcher
+) -> tuple[DataFrame, DataFrame]:
     """Rules 1-2: entry date, then the arm and index date of each person."""
     entry = (
-        conditions.where(code_predicate(F.col("code"), protocol.population.entry))
+        conditions.where(match(protocol.population.entry))
         .groupBy("person_id")
         .agg(F.min("date").alias("entry_date"))
     )
-    is_exposure = code_predicate(F.col("code"), protocol.exposure.codes)
-    is_comparator = code_predicate(F.col("code"), protocol.comparator.codes)
-    exposed = _first_date_on_or_after_entry(drugs, entry, is_exposure).withColumn("treatment", F.lit(1))
-    comparator = _first_date_on_or_after_entry(drugs, entry, is_comparator)
+    exposures, comparators = records[protocol.exposure.domain], records[protocol.comparator.domain]
+    is_exposure = match(protocol.exposure.codes)
+    exposed = _first_date_on_or_after_entry(exposures, entry, is_exposure).withColumn("treatment", F.lit(1))
+    comparator = _first_date_on_or_after_entry(comparators, entry, match(protocol.comparator.codes))
     if protocol.comparator.never_exposed:
-        ever_exposed = drugs.where(is_exposure).select("person_id").distinct()
+        ever_exposed = exposures.where(is_exposure).select("person_id").distinct()
         comparator = comparator.join(ever_exposed, "person_id", "left_anti")
     else:
         comparator = comparator.join(exposed.select("person_id"), "person_id", "left_anti")
@@ -82,6 +98,7 @@ def _follow_up(
     candidates: DataFrame,
     tables: dict[str, DataFrame],
     conditions: DataFrame,
+    match: _Matcher,
 ) -> DataFrame:
     """Rules 3-7: washout, age, prior outcome, time at risk and the outcome, as flags."""
     index = F.col("index_date")
@@ -100,7 +117,7 @@ def _follow_up(
     deaths = tables["death"].groupBy("person_id").agg(F.min("death_date").alias("death_date"))
     person = tables["person"].select("person_id", "year_of_birth", "gender_concept_id", "race_concept_id")
     outcomes = (
-        conditions.where(code_predicate(F.col("code"), protocol.outcome.codes))
+        conditions.where(match(protocol.outcome.codes))
         .join(candidates.select("person_id", "index_date"), "person_id")
         .groupBy("person_id")
         .agg(
@@ -174,7 +191,9 @@ def _attrition(entry: DataFrame, followed: DataFrame) -> list[AttritionStep]:
     return steps
 
 
-def _with_covariates(protocol: StudyProtocol, cohort: DataFrame, conditions: DataFrame, visits: DataFrame) -> DataFrame:
+def _with_covariates(
+    protocol: StudyProtocol, cohort: DataFrame, conditions: DataFrame, visits: DataFrame, match: _Matcher
+) -> DataFrame:
     """Rule 8: covariates measured in the covariate window before index."""
     window = protocol.covariate_window
     keys = cohort.select("person_id", "index_date")
@@ -191,7 +210,7 @@ def _with_covariates(protocol: StudyProtocol, cohort: DataFrame, conditions: Dat
             .where(in_window(F.col("date")))
             .groupBy("person_id")
             .agg(*[
-                F.max(F.when(code_predicate(F.col("code"), c.codes), 1).otherwise(0)).alias(c.name)
+                F.max(F.when(match(c.codes), 1).otherwise(0)).alias(c.name)
                 for c in condition_covariates
             ])
         )
@@ -234,21 +253,29 @@ def _with_covariates(protocol: StudyProtocol, cohort: DataFrame, conditions: Dat
     return frame.select(*columns)
 
 
+def _records(table: DataFrame, date: str, code: str, concept: str) -> DataFrame:
+    """A clinical table as ``person_id, date, code, concept_id`` records."""
+    return table.select(
+        "person_id", F.col(date).alias("date"), F.col(code).alias("code"), F.col(concept).alias("concept_id")
+    )
+
+
 def build_cohort(protocol: StudyProtocol, tables: dict[str, DataFrame]) -> Cohort:
-    """The study's analysis dataset at this site and its attrition, per docs/cohort_rules.md."""
-    conditions = tables["condition_occurrence"].select(
-        "person_id",
-        F.col("condition_start_date").alias("date"),
-        F.col("condition_source_value").alias("code"),
-    )
-    drugs = tables["drug_exposure"].select(
-        "person_id",
-        F.col("drug_exposure_start_date").alias("date"),
-        F.col("drug_source_value").alias("code"),
-    )
-    entry, candidates = _candidates(protocol, conditions, drugs)
-    followed = _follow_up(protocol, candidates, tables, conditions).cache()
+    """The study's analysis dataset at this site and its attrition, per docs/cohort_rules.md.
+
+    ``tables`` holds what :func:`site_agent.cohort.inputs.study_inputs` lists for the protocol.
+    """
+    match = _Matcher(tables.get("concept_ancestor"))
+    conditions = _records(tables["condition_occurrence"], "condition_start_date", "condition_source_value",
+                          "condition_concept_id")
+    records = {"drug": _records(tables["drug_exposure"], "drug_exposure_start_date", "drug_source_value",
+                                "drug_concept_id")}
+    if "procedure_occurrence" in tables:
+        records["procedure"] = _records(tables["procedure_occurrence"], "procedure_date", "procedure_source_value",
+                                        "procedure_concept_id")
+    entry, candidates = _candidates(protocol, conditions, records, match)
+    followed = _follow_up(protocol, candidates, tables, conditions, match).cache()
     attrition = _attrition(entry, followed)
     eligible = followed.where(F.col("ok_washout") & F.col("ok_age") & F.col("ok_no_prior_outcome") & F.col("ok_time_at_risk"))
-    dataset = _with_covariates(protocol, eligible, conditions, tables["visit_occurrence"])
+    dataset = _with_covariates(protocol, eligible, conditions, tables["visit_occurrence"], match)
     return Cohort(dataset.orderBy("person_id"), attrition, followed)

@@ -15,9 +15,11 @@ from pathlib import Path
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from shared.omop import STUDY_TABLES
+from shared.errors import MissingTableError
+from shared.omop import STUDY_COLUMNS
 from shared.protocol.model import StudyProtocol
 from site_agent.cohort.builder import COHORT_RULES_VERSION, AttritionStep, build_cohort
+from site_agent.cohort.inputs import study_inputs, why_needed
 from site_agent.data.delta import DeltaBackend, OmopTables
 
 _KEY = "fedrwe.dataset_key"
@@ -52,7 +54,8 @@ class DatasetStore:
 
     def get(self, protocol: StudyProtocol) -> AnalysisDataset:
         """The dataset for ``protocol``: from memory or the Delta cache if valid, else rebuilt."""
-        input_versions = {name: self._tables.version(name) for name in STUDY_TABLES}
+        inputs = study_inputs(protocol)
+        input_versions = {name: self._version(protocol, name) for name in inputs}
         key = json.dumps(
             {"protocol": protocol.sha256(), "inputs": input_versions, "rules": COHORT_RULES_VERSION},
             sort_keys=True,
@@ -77,8 +80,16 @@ class DatasetStore:
         self._loaded[protocol.study_id] = dataset
         return dataset
 
+    def _version(self, protocol: StudyProtocol, name: str) -> int:
+        try:
+            return self._tables.version(name)
+        except MissingTableError as error:
+            if name in STUDY_COLUMNS:
+                raise
+            raise MissingTableError(self._site_id, name, error.path, why_needed(protocol, name)) from None
+
     def _build(self, protocol: StudyProtocol, path: Path, key: str) -> None:
-        snapshots = {name: self._tables.read(name) for name in STUDY_TABLES}
+        snapshots = {name: self._tables.read(name, columns) for name, columns in study_inputs(protocol).items()}
         cohort = build_cohort(protocol, {name: snap.frame for name, snap in snapshots.items()})
         try:
             rows = cohort.dataset.select(F.lit(self._site_id).alias("site_id"), "*").toArrow()

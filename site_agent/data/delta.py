@@ -96,12 +96,14 @@ class OmopTables:
             raise MissingTableError(self._site_id, name, str(path))
         return DeltaTable(str(path)).version()
 
-    def read(self, name: str) -> TableSnapshot:
-        expected = SCHEMAS[name]
+    def read(self, name: str, columns: tuple[str, ...] | None = None) -> TableSnapshot:
+        """Table ``name``, checked for its required columns and ``columns`` (default: the study's)."""
+        expected = SCHEMAS.get(name)
         snapshot = self._backend.read(name, self._lake / name, expected)
         present = set(snapshot.frame.columns)
-        required = [f.name for f in expected if not f.nullable]
-        required += [c for c in STUDY_COLUMNS.get(name, ()) if c not in required]
+        required = [] if expected is None else [f.name for f in expected if not f.nullable]
+        needed = STUDY_COLUMNS.get(name, ()) if columns is None else columns
+        required += [c for c in needed if c not in required]
         missing = [column for column in required if column not in present]
         if missing:
             raise DataError(

@@ -1,0 +1,33 @@
+"""Which OMOP tables and columns a protocol needs at a site.
+
+Every study reads the tables of ``shared.omop.STUDY_COLUMNS``; arms drawn from procedures
+add ``procedure_occurrence``, and concept sets with ``include_descendants`` add the
+vocabulary's ``concept_ancestor``.
+"""
+
+from __future__ import annotations
+
+from shared.omop import STUDY_COLUMNS
+from shared.protocol.model import StudyProtocol
+
+PROCEDURE_COLUMNS = ("person_id", "procedure_date", "procedure_concept_id", "procedure_source_value")
+ANCESTOR_COLUMNS = ("ancestor_concept_id", "descendant_concept_id")
+
+
+def study_inputs(protocol: StudyProtocol) -> dict[str, tuple[str, ...]]:
+    """Table name -> the columns the cohort rules read from it, for this protocol."""
+    inputs = dict(STUDY_COLUMNS)
+    if "procedure" in protocol.domains():
+        inputs["procedure_occurrence"] = PROCEDURE_COLUMNS
+    if any(codes.uses_descendants() for codes in protocol.code_sets()):
+        inputs["concept_ancestor"] = ANCESTOR_COLUMNS
+    return inputs
+
+
+def why_needed(protocol: StudyProtocol, table: str) -> str:
+    """One phrase saying which part of the protocol needs ``table`` (for error messages)."""
+    if table == "concept_ancestor":
+        return "its concept sets use include_descendants"
+    if table == "procedure_occurrence":
+        return "an arm is drawn from procedures (domain: procedure)"
+    return "every study reads it"
