@@ -13,10 +13,12 @@ def analyses_table(results: dict[str, Any], truth_hr: float | None = None) -> Ta
     title = "estimates (exposed vs comparator)"
     if truth_hr is not None:
         title += f"; planted conditional HR {truth_hr:.2f}"
-    table = Table(title=title, caption="exposed, comparator: persons (events); risks by the horizon day",
+    table = Table(title=title, caption="exposed, comparator: persons (events); risks by the horizon day; "
+                                       "none*: no estimate, reason in results.json",
                   box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("analysis", "exposed", "comparator", "risk exp", "risk comp", "HR", "95% CI"):
-        table.add_column(column, justify="right", no_wrap=True)
+        table.add_column(column, justify="right", no_wrap=True, min_width=len(column))
+    table.columns[0].min_width = max(len(name) for name in results["analyses"])
     for name, a in results["analyses"].items():
         arms = [
             f"{a[f'n_{arm}']:,} ({a[f'events_{arm}']:,})" if isinstance(a.get(f"n_{arm}"), int) else "-"
@@ -24,7 +26,7 @@ def analyses_table(results: dict[str, Any], truth_hr: float | None = None) -> Ta
         ]
         risks = [f"{a[k]:.3f}" if isinstance(a.get(k), float) else "-" for k in ("risk_exposed", "risk_comparator")]
         if "error" in a:
-            table.add_row(name, *arms, *risks, "-", "no estimate: see results.json")
+            table.add_row(name, *arms, *risks, "-", "none*")
         else:
             table.add_row(name, *arms, *risks, f"{a['hr']:.2f}", f"{a['ci_low']:.2f}-{a['ci_high']:.2f}")
     return table

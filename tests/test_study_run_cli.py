@@ -40,7 +40,8 @@ def test_study_run_writes_results(network: tuple[LocalNetwork, Path], prefect_ap
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["sites"]) == 3
-    assert "matched" in done.stdout  # the estimates table
+    for name in results["analyses"]:  # the estimates table, one row per analysis
+        assert f" {name} " in done.stdout
     assert "results.json" in done.stdout
 
 
