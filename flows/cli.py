@@ -2,6 +2,7 @@
 
     fedrwe simulate --sites 3 --patients 30000 --seed 7 --out out/demo
     fedrwe site serve --config site.toml
+    fedrwe site ingest --omop export/ --config site.toml [--care-site ID] [--strict]
     fedrwe study run studies/ketamine_cud.yaml --superlink 127.0.0.1:9093 --out out/study
     fedrwe protocol check studies/ketamine_cud.yaml
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -67,6 +68,30 @@ def site_serve(config: Annotated[Path, typer.Option(help="The site's settings (T
     from site_agent.settings import load_site_settings
 
     serve(load_site_settings(config))
+
+
+@site_app.command("ingest")
+def site_ingest(
+    omop: Annotated[Path, typer.Option(help="Folder of the OMOP CDM 5.3/5.4 export, one file per table.")],
+    source_format: Annotated[Literal["csv", "parquet"], typer.Option("--format", help="The files' format.")] = "csv",
+    site_id: Annotated[str | None, typer.Option(help="The site's id (default: the config's).")] = None,
+    lake: Annotated[Path | None, typer.Option(help="Folder of the site's Delta tables (default: the config's).")] = None,
+    config: Annotated[Path | None, typer.Option(help="The site's settings (TOML): site_id, lake.")] = None,
+    care_site: Annotated[int | None, typer.Option(help="Keep only the persons of this care_site_id.")] = None,
+    strict: Annotated[bool, typer.Option(help="Exit with an error when the data-quality report has errors.")] = False,
+) -> None:
+    """Load an OMOP CDM export into the site's Delta tables and report its data quality."""
+    from site_agent.ingest import ingest_omop
+    from site_agent.ingest.display import findings_table, tables_table
+    from site_agent.ingest.settings import ingest_settings
+
+    result = ingest_omop(ingest_settings(omop, source_format, site_id, lake, config, care_site))
+    out = Console()
+    out.print(tables_table(result))
+    out.print(findings_table(result.report))
+    out.print(f"data-quality report: {result.report_path}")
+    if strict:
+        result.report.raise_for_errors()
 
 
 @study_app.command("run")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pyspark.sql import SparkSession
 
-from shared.errors import MissingTableError
+from shared.errors import DataError, MissingTableError
 from shared.omop import GENDER_FEMALE, RACE_BLACK, VISIT_EMERGENCY
 from shared.protocol.model import StudyProtocol, load_protocol
 from site_agent.cohort.store import DatasetStore
@@ -207,4 +207,35 @@ def test_a_protocol_needing_concept_ancestor_names_the_reason(spark: SparkSessio
     backend = DeltaBackend(spark, "site_d")
     store = DatasetStore(backend, OmopTables(backend, tmp_path / "lake", "site_d"), tmp_path / "work", "site_d")
     with pytest.raises(MissingTableError, match=r"site 'site_d'.*'concept_ancestor'.*include_descendants.*Fix"):
+        store.get(concept_protocol())
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        # Person 5's remission lies 214 days before index: outside a 100-day lookback, so 5 stays.
+        ({"prior_outcome_lookback_days": 100}, [1, 2, 5, 10, 11, 12]),
+        # At least 62 days at risk: 2 (61 days) and 10 (dies on day 31) leave; 1 stays, as in
+        # CohortMethod the days at risk run to the end of the risk window, not to the event.
+        ({"min_days_at_risk": 62}, [1, 11, 12]),
+        # Both arms have index dates from 2016-01-01 to 2016-06-01: 12 (2017-01-01) leaves.
+        ({"restrict_to_common_period": True}, [1, 2, 10, 11]),
+    ],
+)
+def test_study_population_options(store: DatasetStore, options: dict[str, object], expected: list[int]) -> None:
+    data = PROTOCOL.model_dump(mode="json")
+    data["study_population"] = options
+    dataset = store.get(StudyProtocol.model_validate(data))
+    assert sorted(r["person_id"] for r in dataset.frame.collect()) == expected
+    if "restrict_to_common_period" in options:
+        assert "common_period" in [step.step for step in dataset.attrition]
+
+
+def test_an_empty_concept_ancestor_is_named(spark: SparkSession, tmp_path: Path) -> None:
+    site = concept_site()
+    site.rows["concept_ancestor"] = []
+    site.write(tmp_path / "lake")
+    backend = DeltaBackend(spark, "site_e")
+    store = DatasetStore(backend, OmopTables(backend, tmp_path / "lake", "site_e"), tmp_path / "work", "site_e")
+    with pytest.raises(DataError, match=r"'concept_ancestor' has no rows.*Fix"):
         store.get(concept_protocol())

@@ -179,6 +179,20 @@ class PropensityModel(_Strict):
     )
 
 
+class StudyPopulation(_Strict):
+    """Options of OHDSI CohortMethod's ``createStudyPopulation`` beyond washout and time at risk."""
+
+    prior_outcome_lookback_days: int | None = Field(
+        default=None, ge=1, le=36_500,
+        description="With outcome.exclude_prior: look back this many days for a prior outcome (default: all time).",
+    )
+    min_days_at_risk: int = Field(default=1, ge=1, le=36_500, description="Drop persons with fewer days at risk.")
+    restrict_to_common_period: bool = Field(
+        default=False,
+        description="Keep only index dates within the period where both arms have index dates (per site).",
+    )
+
+
 class Matching(_Strict):
     """Within-site greedy nearest-neighbour matching on the logit of the global propensity score."""
 
@@ -213,6 +227,7 @@ class StudyProtocol(_Strict):
     washout_days: int = Field(default=365, ge=0, le=3650)
     time_at_risk: DayWindow = Field(description="Days after index at risk, e.g. 1..365.")
     covariate_window: DayWindow = Field(description="Days before index where covariates are measured.")
+    study_population: StudyPopulation = StudyPopulation()
     covariates: list[Covariate] = Field(default_factory=list)
     propensity: PropensityModel = PropensityModel()
     matching: Matching = Matching()

@@ -8,6 +8,7 @@ one column per covariate (``StudyProtocol.covariate_columns``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -17,7 +18,7 @@ from shared.protocol.model import RACE_LEVELS, CodeSet, StudyProtocol
 from site_agent.cohort.codes import code_predicate, resolve_concepts
 
 _RACE_CONCEPTS = {"black": RACE_BLACK, "asian": RACE_ASIAN}
-COHORT_RULES_VERSION = 2  # bump when a rule changes: cached datasets are then rebuilt
+COHORT_RULES_VERSION = 3  # bump when a rule changes: cached datasets are then rebuilt
 
 
 class _Matcher:
@@ -93,6 +94,15 @@ def _candidates(
     return entry, exposed.unionByName(comparator)
 
 
+def _with_common_period_flag(candidates: DataFrame) -> DataFrame:
+    """``ok_common_period``: the index date lies between the later of the arms' first and
+    the earlier of their last index dates at this site."""
+    bounds = candidates.groupBy("treatment").agg(F.min("index_date").alias("first"), F.max("index_date").alias("last"))
+    common = bounds.agg(F.max("first").alias("start"), F.min("last").alias("end"), F.count(F.lit(1)).alias("arms"))
+    inside = (F.col("arms") == 2) & (F.col("index_date") >= F.col("start")) & (F.col("index_date") <= F.col("end"))
+    return candidates.crossJoin(common).withColumn("ok_common_period", inside).drop("start", "end", "arms")
+
+
 def _follow_up(
     protocol: StudyProtocol,
     candidates: DataFrame,
@@ -116,12 +126,14 @@ def _follow_up(
     )
     deaths = tables["death"].groupBy("person_id").agg(F.min("death_date").alias("death_date"))
     person = tables["person"].select("person_id", "year_of_birth", "gender_concept_id", "race_concept_id")
+    lookback = protocol.study_population.prior_outcome_lookback_days
+    in_lookback = F.lit(True) if lookback is None else F.datediff(index, F.col("date")) <= lookback
     outcomes = (
         conditions.where(match(protocol.outcome.codes))
         .join(candidates.select("person_id", "index_date"), "person_id")
         .groupBy("person_id")
         .agg(
-            F.max(F.when(F.col("date") < index, 1).otherwise(0)).alias("prior_outcome"),
+            F.max(F.when((F.col("date") < index) & in_lookback, 1).otherwise(0)).alias("prior_outcome"),
             F.min(
                 F.when(
                     F.datediff(F.col("date"), index) >= protocol.time_at_risk.start_day,
@@ -131,6 +143,7 @@ def _follow_up(
         )
     )
     tar = protocol.time_at_risk
+    at_least = tar.start_day + protocol.study_population.min_days_at_risk - 1  # last day at risk needed
     censor_day = F.least(
         F.lit(tar.end_day),
         F.datediff(F.col("obs_end"), index),
@@ -155,7 +168,7 @@ def _follow_up(
             F.lit(True) if not protocol.outcome.exclude_prior
             else F.coalesce(F.col("prior_outcome"), F.lit(0)) == 0,
         )
-        .withColumn("ok_time_at_risk", F.coalesce(F.col("censor_day") >= tar.start_day, F.lit(False)))
+        .withColumn("ok_time_at_risk", F.coalesce(F.col("censor_day") >= at_least, F.lit(False)))
     )
     has_event = F.col("outcome_day").isNotNull() & (F.col("outcome_day") <= F.col("censor_day"))
     return frame.withColumn("event", F.when(has_event, 1).otherwise(0)).withColumn(
@@ -166,17 +179,17 @@ def _follow_up(
 _RULES: tuple[tuple[str, str], ...] = (
     ("ok_washout", "observation for at least the washout period before index"),
     ("ok_age", "at least the minimum age at index"),
-    ("ok_no_prior_outcome", "no outcome before index"),
-    ("ok_time_at_risk", "at least one day at risk"),
+    ("ok_no_prior_outcome", "no outcome before index (within the lookback)"),
+    ("ok_time_at_risk", "at least the minimum days at risk"),
 )
 
 
-def _attrition(entry: DataFrame, followed: DataFrame) -> list[AttritionStep]:
+def _attrition(entry: DataFrame, followed: DataFrame, rules: list[tuple[str, str]]) -> list[AttritionStep]:
     """Counts after each rule, per arm, in one Spark job over the candidates."""
     n_entry = entry.count()
     passed = F.lit(True)
     aggregations = []
-    for flag, _ in ((None, None), *_RULES):
+    for flag, _ in ((None, None), *rules):
         if flag is not None:
             passed = passed & F.col(flag)
         for arm in (1, 0):
@@ -184,7 +197,7 @@ def _attrition(entry: DataFrame, followed: DataFrame) -> list[AttritionStep]:
     row = followed.agg(*aggregations).first()
     counts = [int(value or 0) for value in row] if row is not None else [0] * len(aggregations)
     steps = [AttritionStep("entry", "persons with an entry condition", n_entry, None, None)]
-    labels = (("arm", "first exposure or comparator on or after entry"), *_RULES)
+    labels = (("arm", "first exposure or comparator on or after entry"), *rules)
     for i, (step, description) in enumerate(labels):
         exposed, comparator = counts[2 * i], counts[2 * i + 1]
         steps.append(AttritionStep(step.removeprefix("ok_"), description, exposed + comparator, exposed, comparator))
@@ -274,8 +287,12 @@ def build_cohort(protocol: StudyProtocol, tables: dict[str, DataFrame]) -> Cohor
         records["procedure"] = _records(tables["procedure_occurrence"], "procedure_date", "procedure_source_value",
                                         "procedure_concept_id")
     entry, candidates = _candidates(protocol, conditions, records, match)
+    rules = list(_RULES)
+    if protocol.study_population.restrict_to_common_period:
+        candidates = _with_common_period_flag(candidates)
+        rules.insert(0, ("ok_common_period", "index date in the period where both arms have index dates"))
     followed = _follow_up(protocol, candidates, tables, conditions, match).cache()
-    attrition = _attrition(entry, followed)
-    eligible = followed.where(F.col("ok_washout") & F.col("ok_age") & F.col("ok_no_prior_outcome") & F.col("ok_time_at_risk"))
+    attrition = _attrition(entry, followed, rules)
+    eligible = followed.where(reduce(lambda a, b: a & b, [F.col(flag) for flag, _ in rules]))
     dataset = _with_covariates(protocol, eligible, conditions, tables["visit_occurrence"], match)
     return Cohort(dataset.orderBy("person_id"), attrition, followed)

@@ -12,6 +12,7 @@ from functools import reduce
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from shared.errors import DataError
 from shared.protocol.model import CodeSet
 
 
@@ -35,6 +36,12 @@ def _descendants(concept_ids: list[int], ancestors: DataFrame | None) -> set[int
 
 def resolve_concepts(codes: CodeSet, ancestors: DataFrame | None) -> list[int]:
     """The standard concept ids that ``codes`` matches, sorted."""
+    if codes.include_descendants and ancestors is not None and ancestors.limit(1).count() == 0:
+        raise DataError(
+            "the OMOP table 'concept_ancestor' has no rows, so a concept set with include_descendants "
+            f"(concepts {codes.concept_ids}) cannot be expanded. Fix: load the OHDSI vocabulary "
+            "(concept_ancestor from Athena) into the site's lake, or list the descendants in concept_ids."
+        )
     if codes.include_descendants:
         keep = _descendants(codes.concept_ids, ancestors) - _descendants(codes.exclude_concept_ids, ancestors)
     else:

@@ -27,7 +27,7 @@ def describe(target: pa.DataType) -> str:
     if pa.types.is_int64(target):
         return "a whole number (a 64-bit id)"
     if pa.types.is_int32(target):
-        return "a whole number between -2147483648 and 2147483647 (32-bit, as OMOP concept ids)"
+        return "a whole number between -2147483648 and 2147483647 (32-bit: concept ids, years, counts)"
     if pa.types.is_floating(target):
         return "a number"
     if pa.types.is_date(target):
@@ -44,7 +44,7 @@ def convert(values: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
     if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
         values = _normalised_text(values, target)
     if pa.types.is_date(target) and pa.types.is_timestamp(values.type):
-        return _timestamp_to_date(values)
+        return pc.cast(values, target, safe=False)  # a date-time's date part, as for text
     return pc.cast(values, target, safe=True)
 
 
@@ -72,10 +72,3 @@ def _normalised_text(values: pa.ChunkedArray, target: pa.DataType) -> pa.Chunked
         return pc.replace_substring_regex(text, r"^([0-9]{4}-[0-9]{2}-[0-9]{2})[ T].*$", r"\1")
     return text
 
-
-def _timestamp_to_date(values: pa.ChunkedArray) -> pa.ChunkedArray:
-    dates = pc.cast(values, pa.date32(), safe=False)
-    midnight = pc.cast(pc.cast(dates, pa.timestamp("us")), values.type)
-    if not pc.all(pc.or_kleene(pc.equal(midnight, values), pc.is_null(values))).as_py():
-        raise pa.ArrowInvalid("a date-time with a time of day cannot be stored as a date")
-    return dates

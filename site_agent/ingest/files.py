@@ -93,7 +93,8 @@ def find_tables(folder: Path, fmt: SourceFormat, site_id: str) -> ExportFiles:
             + (f", e.g. {folder / hint[0]}" if hint else "")
             + (", or use --format parquet" if fmt == "csv" else ", or use --format csv") + "."
         )
-    return ExportFiles(folder, tables, tuple(skipped))
+    ordered = {name: tables[name] for name in CDM_SCHEMAS if name in tables}  # the CDM's order
+    return ExportFiles(folder, ordered, tuple(skipped))
 
 
 def _has_files(folder: Path, fmt: SourceFormat) -> bool:
