@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from deltalake import DeltaTable
 from pyspark.sql import SparkSession
 
-from shared.errors import DataError, MissingTableError
-from shared.omop import GENDER_FEMALE, RACE_BLACK, VISIT_EMERGENCY
+from shared.errors import DataError, DataQualityError, MissingTableError
+from shared.omop import GENDER_FEMALE, RACE_BLACK, STUDY_TABLES, VISIT_EMERGENCY
 from shared.protocol.model import StudyProtocol, load_protocol
 from site_agent.cohort.store import DatasetStore
 from site_agent.data.delta import DeltaBackend, OmopTables
-from tests.omop_builder import OmopBuilder
+from tests.omop_builder import OmopBuilder, d
 
 PROTOCOL = load_protocol(Path(__file__).parents[1] / "studies" / "ketamine_cud.yaml")
 KETAMINE, PROPOFOL, MIDAZOLAM = "6130", "8782", "6960"
@@ -239,3 +240,16 @@ def test_an_empty_concept_ancestor_is_named(spark: SparkSession, tmp_path: Path)
     store = DatasetStore(backend, OmopTables(backend, tmp_path / "lake", "site_e"), tmp_path / "work", "site_e")
     with pytest.raises(DataError, match=r"'concept_ancestor' has no rows.*Fix"):
         store.get(concept_protocol())
+
+
+def test_a_data_quality_error_blocks_the_study_and_leaves_the_tables_alone(spark: SparkSession, tmp_path: Path) -> None:
+    site = hand_built_site()
+    site.rows["observation_period"][0]["observation_period_end_date"] = d("2009-01-01")  # ends before it starts
+    site.write(tmp_path / "lake")
+    versions = {name: DeltaTable(str(tmp_path / "lake" / name)).version() for name in STUDY_TABLES}
+    backend = DeltaBackend(spark, "site_q")
+    store = DatasetStore(backend, OmopTables(backend, tmp_path / "lake", "site_q"), tmp_path / "work", "site_q")
+    with pytest.raises(DataQualityError, match=r"site 'site_q'.*observation_period"):
+        store.get(PROTOCOL)
+    assert {name: DeltaTable(str(tmp_path / "lake" / name)).version() for name in STUDY_TABLES} == versions
+    assert (tmp_path / "work" / "studies" / PROTOCOL.study_id / "data_quality.json").exists()

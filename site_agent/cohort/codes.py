@@ -52,9 +52,10 @@ def resolve_concepts(codes: CodeSet, ancestors: DataFrame | None) -> list[int]:
 def code_predicate(column: Column, codes: CodeSet, concept: Column | None = None, concepts: list[int] | None = None) -> Column:
     """True where the record matches ``codes``: a source code in ``column`` (include minus
     exclude), or a resolved standard concept (``concepts``) in ``concept``; null-safe."""
-    keep = _matches_any(column, codes.include) if codes.include else F.lit(False)
+    code = F.trim(column)  # some ETLs pad source codes with spaces (MIMIC's ICD-9 codes)
+    keep = _matches_any(code, codes.include) if codes.include else F.lit(False)
     if codes.exclude:
-        keep = keep & ~_matches_any(column, codes.exclude)
+        keep = keep & ~_matches_any(code, codes.exclude)
     if concept is not None and concepts:
         keep = keep | concept.isin(concepts)
     return F.coalesce(keep, F.lit(False))

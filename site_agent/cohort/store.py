@@ -21,6 +21,7 @@ from shared.protocol.model import StudyProtocol
 from site_agent.cohort.builder import COHORT_RULES_VERSION, AttritionStep, build_cohort
 from site_agent.cohort.inputs import study_inputs, why_needed
 from site_agent.data.delta import DeltaBackend, OmopTables
+from site_agent.ingest import check_lake
 
 _KEY = "fedrwe.dataset_key"
 _ATTRITION = "fedrwe.attrition"
@@ -88,7 +89,19 @@ class DatasetStore:
                 raise
             raise MissingTableError(self._site_id, name, error.path, why_needed(protocol, name)) from None
 
+    def _check_quality(self, protocol: StudyProtocol) -> None:
+        """The data-quality checks of ingest, before every build: errors block the study.
+
+        The report goes next to the study's dataset (the site's tables are never written).
+        """
+        report = check_lake(self._tables.lake, site_id=self._site_id)
+        target = self.path(protocol.study_id).parent / "data_quality.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(report.to_json(), encoding="utf-8")
+        report.raise_for_errors()
+
     def _build(self, protocol: StudyProtocol, path: Path, key: str) -> None:
+        self._check_quality(protocol)
         snapshots = {name: self._tables.read(name, columns) for name, columns in study_inputs(protocol).items()}
         cohort = build_cohort(protocol, {name: snap.frame for name, snap in snapshots.items()})
         try:

@@ -89,6 +89,11 @@ class OmopTables:
         self._lake = lake
         self._site_id = site_id
 
+    @property
+    def lake(self) -> Path:
+        """The folder holding the site's OMOP tables."""
+        return self._lake
+
     def version(self, name: str) -> int:
         """The current Delta version of table ``name`` (no Spark involved)."""
         path = self._lake / name
