@@ -94,6 +94,19 @@ def site_ingest(
         result.report.raise_for_errors()
 
 
+@site_app.command("check")
+def site_check(config: Annotated[Path, typer.Option(help="The site's settings (TOML).")]) -> None:
+    """Run the data-quality checks on the site's tables (what every study runs first)."""
+    from site_agent.ingest import check_lake
+    from site_agent.ingest.display import findings_table
+    from site_agent.settings import load_site_settings
+
+    settings = load_site_settings(config)
+    report = check_lake(settings.lake, site_id=settings.site_id)
+    Console().print(findings_table(report))
+    report.raise_for_errors()
+
+
 @study_app.command("run")
 def study_run(
     protocol: Annotated[Path, typer.Argument(help="Study protocol YAML.")],

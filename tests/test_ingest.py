@@ -341,6 +341,9 @@ def test_the_cli_ingests_from_the_site_config_and_strict_fails_on_errors(tmp_pat
     strict = runner.invoke(app, ["site", "ingest", "--omop", str(export), "--config", str(config), "--strict"])
     assert isinstance(strict.exception, DataQualityError)
     assert "'st_marys'" in str(strict.exception)
+    check = runner.invoke(app, ["site", "check", "--config", str(config)])  # what every study runs first
+    assert isinstance(check.exception, DataQualityError)
+    assert "end_before_start" in check.output
 
 
 # --- exports fedrwe cannot read: each named clearly ---------------------------------------
