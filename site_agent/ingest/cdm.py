@@ -110,7 +110,7 @@ def conform(raw: pa.Table, source: SourceFile, site_id: str) -> Conformed:
 def _typed(values: pa.ChunkedArray, field: pa.Field, source: SourceFile, site_id: str) -> pa.ChunkedArray:
     try:
         return convert(values, field.type)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OverflowError):
+    except (pa.ArrowException, OverflowError):  # Arrow's invalid, type and unsupported casts
         pass
     row = first_bad_row(values, field.type)
     value = values[row].as_py()

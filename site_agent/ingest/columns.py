@@ -19,7 +19,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-_CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OverflowError)
+_CAST_ERRORS = (pa.ArrowException, OverflowError)  # Arrow's invalid, type and unsupported casts
 
 
 def describe(target: pa.DataType) -> str:

@@ -19,7 +19,7 @@ from site_agent.ingest.cdm import row_id_column
 from site_agent.ingest.columns import convert
 from site_agent.ingest.report import Finding, Severity
 
-_CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OverflowError)
+_CAST_ERRORS = (pa.ArrowException, OverflowError)  # Arrow's invalid, type and unsupported casts
 
 
 class LakeView:
