@@ -325,7 +325,11 @@ def combine(
                          + " | ".join(reason for _, reason in withheld[name]),
             }
         else:
-            analyses[name] = _guarded_result(name, by_analysis[name], protocol, (cox_fits or {}).get(name))
+            fit = (cox_fits or {}).get(name)
+            if fit is not None and fit.error is not None:
+                analyses[name] = {"weights": _describe(name, protocol), "error": fit.error}
+            else:
+                analyses[name] = _guarded_result(name, by_analysis[name], protocol, fit)
     meta_sites = {name: [(site, part) for site, part in zip(site_ids, by_analysis[name], strict=True)
                          if "withheld" not in part] for name in names}
     return {

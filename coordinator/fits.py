@@ -146,6 +146,12 @@ class PropensityFit:
         self.gram: np.ndarray | None = None  # X'X over all sites (from the Hessian at 0)
         self.converged = False
         self.final: dict[str, Any] | None = None
+        self.error: str | None = None
+
+    def give_up(self, reason: str) -> None:
+        """The model has no estimate (e.g. a site refused to evaluate it): say why, stop iterating."""
+        self.error = reason
+        self.converged = True
 
     def first_params(self) -> dict[str, Any]:
         return {"beta": self.beta.tolist(), "local_fit": True}
@@ -219,6 +225,11 @@ class PropensityFit:
         return float(np.sqrt(max(second - mean * mean, 0.0) * n / (n - 1.0)))
 
     def result(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {
+                "model": "logistic regression of treatment on the protocol's covariates", "l2": self.l2,
+                "error": self.error, "newton_rounds": self.iterations, "coefficients": {}, "standard_errors": {},
+            }
         assert self.final is not None
         return {
             "model": "logistic regression of treatment on the protocol's covariates",
@@ -253,10 +264,15 @@ class WeightedCoxFit(_HalleyFit):
         self.tolerance, self.max_rounds = tolerance, max_rounds
         self.at_point = False
         self.final: dict[str, Any] | None = None
+        self.error: str | None = None
 
     @property
     def converged(self) -> bool:
-        return self.final is not None
+        return self.final is not None or self.error is not None
+
+    def give_up(self, reason: str) -> None:
+        """No estimate (e.g. a site refused to evaluate the model): say why, stop iterating."""
+        self.error = reason
 
     def warm_start(self, local_fits: list[dict[str, float] | None]) -> None:
         """Inverse-variance weighted mean of the sites' own fits (0 when no site has one)."""

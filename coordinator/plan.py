@@ -53,6 +53,8 @@ class StudyPlan:
         self._adjusted_partials: list[dict[str, Any]] | None = None
         self._final_round_done = False
         self._kind = "summary"
+        self._site_ids: list[str] = []
+        self.adjusted_error: str | None = None
 
     def next_request(self) -> RoundRequest | None:
         """The next round's request, or None when the study is complete."""
@@ -63,7 +65,7 @@ class StudyPlan:
         pending = [fit for fit in self.fits if not fit.converged]
         if pending:
             return self._request("newton", {fit.task: fit.next_params() for fit in pending})
-        if self.propensity_fit is None:
+        if self.propensity_fit is None or self.propensity_fit.error is not None:
             return None
         if not self._final_round_done:
             tasks = {"propensity": {"beta": self.propensity_fit.beta.tolist()}}
@@ -111,22 +113,32 @@ class StudyPlan:
                 f"cannot change sites half-way. Fix: rerun the study when all sites are up."
             )
         ordered = [replies[site_id].results for site_id in sorted(replies)]
+        self._site_ids = sorted(replies)
         if self._kind == "summary":
             self._absorb_summaries(replies, ordered)
         elif self._kind == "newton":
             for fit in self.fits:
-                if fit.task in ordered[0]:
-                    fit.absorb([results[fit.task] for results in ordered])
+                if fit.task in ordered[0] and (partials := self._usable(fit, [r[fit.task] for r in ordered])):
+                    fit.absorb(partials)
         elif self._kind == "adjusted":
             assert self.propensity_fit is not None
-            self.propensity_fit.finish([results["propensity"] for results in ordered])
-            if "adjusted" in ordered[0]:
-                self._absorb_adjusted([results["adjusted"] for results in ordered], sorted(replies))
+            if partials := self._usable(self.propensity_fit, [r["propensity"] for r in ordered]):
+                self.propensity_fit.finish(partials)
+            if "adjusted" in ordered[0] and self.propensity_fit.error is None:
+                withheld = self._withheld([r["adjusted"] for r in ordered])
+                if withheld:
+                    self.adjusted_error = f"the adjusted analyses were withheld by {withheld}"
+                else:
+                    self._absorb_adjusted([r["adjusted"] for r in ordered], sorted(replies))
             self._final_round_done = True
         else:  # "cox": a step (or the final round) of every weighted Cox fit still open
+            tasks = [r["weighted_cox"] for r in ordered]
             for name, cox_fit in self.cox_fits.items():
-                if name in ordered[0]["weighted_cox"]["parts"]:
-                    cox_fit.absorb([results["weighted_cox"]["parts"][name] for results in ordered])
+                if cox_fit.converged:
+                    continue
+                parts = [t["parts"][name] if "parts" in t else t for t in tasks]
+                if partials := self._usable(cox_fit, parts):
+                    cox_fit.absorb(partials)
             if all(fit.converged for fit in self.cox_fits.values()):
                 assert self._adjusted_partials is not None
                 self.adjusted = adjusted.combine(self.protocol, self._adjusted_partials, sorted(replies), self.cox_fits)
@@ -143,8 +155,23 @@ class StudyPlan:
                 f"site. Fix: lengthen the time at risk or check the outcome's codes."
             )
         for fit in self.fits:
-            if not fit.converged:
-                fit.warm_start([results[fit.task] for results in ordered])
+            if not fit.converged and (partials := self._usable(fit, [r[fit.task] for r in ordered])):
+                fit.warm_start(partials)
+
+    def _withheld(self, partials: list[dict[str, Any]]) -> str:
+        """Which sites withheld a task and why ('' when none did)."""
+        return "; ".join(
+            f"site {site!r} ({part['withheld']})" for site, part in zip(self._site_ids, partials, strict=True)
+            if "withheld" in part
+        )
+
+    def _usable(self, fit: CrudeCoxFit | PropensityFit | WeightedCoxFit, partials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The partials, or [] after the fit gave up because a site withheld its task."""
+        withheld = self._withheld(partials)
+        if withheld:
+            fit.give_up(f"no estimate: withheld by {withheld}")
+            return []
+        return partials
 
     def _absorb_adjusted(self, partials: list[dict[str, Any]], site_ids: list[str]) -> None:
         """With event tables everything is central now; without, weighted Cox fits start."""
@@ -181,7 +208,11 @@ class StudyPlan:
         }
         crude = {**self.crude.result(), **counts}
         if self.adjusted is None:
-            return {"crude": crude}
+            reason = self.adjusted_error or (
+                None if self.propensity_fit is None or self.propensity_fit.error is None
+                else f"the propensity model has no estimate ({self.propensity_fit.error})"
+            )
+            return {"crude": crude, **{name: {"error": reason} for name in self.protocol.adjusted_analyses() if reason}}
         from_tables = self.adjusted["analyses"]
         cox_fields = ("hr", "ci_low", "ci_high", "ci_level", "log_hr", "se_log_hr", "p_value", "model", "site_stratified")
         crude.update({k: v for k, v in from_tables["crude"].items() if k not in crude and k not in cox_fields})

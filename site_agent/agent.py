@@ -29,7 +29,7 @@ from site_agent.audit.log import AuditLog
 from site_agent.cohort.store import AnalysisDataset, DatasetStore
 from site_agent.data.delta import DeltaBackend, OmopTables
 from site_agent.data.spark import start_spark
-from site_agent.disclosure.guard import guarded
+from site_agent.disclosure.guard import compute_tasks, guarded
 from site_agent.settings import SiteSettings
 
 log = logging.getLogger("fedrwe.site")
@@ -224,5 +224,5 @@ class SiteAgent:
                 "event_tables_allowed": policy.event_tables,
             }),
         }
-        return {name: partials[name](params) for name, params in request.tasks.items()}
+        return compute_tasks(partials, request.tasks)
 

@@ -19,7 +19,7 @@ from site_agent.analyses.cox import crude_cox
 from site_agent.analyses.propensity import propensity
 from site_agent.analyses.release import Release
 from site_agent.analyses.rows import AnalysisRows
-from site_agent.disclosure.guard import guarded
+from site_agent.disclosure.guard import compute_tasks, guarded
 from site_agent.settings import DisclosurePolicy
 
 
@@ -63,7 +63,7 @@ class RowsSite:
             "weighted_cox": lambda p: weighted_cox(self.rows, self.protocol, p, limit),
         }
         try:
-            results = guarded(lambda: {t: partials[t](p) for t, p in request.tasks.items()}, self.policy, self.site_id).values
+            results = guarded(lambda: compute_tasks(partials, request.tasks), self.policy, self.site_id).values
         except FedRWEError as error:
             return RoundReply(status="error", site_id=self.site_id, error=str(error))
         return RoundReply(status="ok", site_id=self.site_id, results=results)

@@ -25,8 +25,8 @@ from shared.omop import CDM_SCHEMAS, SCHEMAS
 from site_agent.data.delta import DeltaBackend, OmopTables
 from site_agent.ingest import IngestResult, IngestSettings, check_lake, ingest_omop
 from site_agent.ingest.split import home_care_sites
+from tests.samples import SAMPLES
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "omop"
 MIMIC = SAMPLES / "mimic_iv_demo" / "csv"
 SYNTHEA = SAMPLES / "synthea27nj"
 TODAY = dt.date(2024, 1, 1)

@@ -35,10 +35,10 @@ from site_agent.ingest import IngestResult, IngestSettings, ingest_omop
 from site_agent.settings import DisclosurePolicy, SiteSettings
 from tests.inprocess import InProcessTransport
 from tests.pooled_reference import assert_crude_equals_pooled, assert_propensity_equals_pooled
+from tests.samples import SAMPLES
 
 pytestmark = pytest.mark.integration
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "omop"
 MIMIC = SAMPLES / "mimic_iv_demo" / "csv"
 SYNTHEA = SAMPLES / "synthea27nj"
 STUDIES = Path(__file__).resolve().parents[1] / "studies" / "samples"

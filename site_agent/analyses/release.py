@@ -15,3 +15,6 @@ class Release:
     parts: dict[str, Release] = field(default_factory=dict)
     """Separable pieces (e.g. one per analysis): one whose counts are too small is withheld
     alone, sent as ``{"withheld": reason}`` under ``values["parts"]``, and the rest still go."""
+    withheld: str | None = None
+    """Set when the site refused to compute this task (e.g. a model at coefficients beyond its
+    bound): the task is sent as ``{"withheld": reason}`` and the reply's other tasks still go."""

@@ -9,7 +9,7 @@ about a handful of patients leaves; the value is kept in the site's own release 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +53,27 @@ class Guarded:
     withheld: dict[str, int] = field(default_factory=dict)
 
 
+WITHHOLDABLE = frozenset({"crude_cox", "propensity", "adjusted", "weighted_cox"})
+"""Model tasks a site may refuse alone; the reply's other tasks (counts, other fits) still go."""
+
+
+def compute_tasks(partials: Mapping[str, Callable[[dict[str, Any]], Release]], tasks: dict[str, dict[str, Any]]) -> dict[str, Release]:
+    """Run each requested partial; a model task the site refuses to evaluate is withheld alone."""
+    releases: dict[str, Release] = {}
+    for name, params in tasks.items():
+        try:
+            releases[name] = partials[name](params)
+        except DisclosureRefused as refusal:
+            if name not in WITHHOLDABLE:
+                raise
+            releases[name] = Release({}, withheld=str(refusal))
+    return releases
+
+
 def _released(task: str, release: Release, policy: DisclosurePolicy, site_id: str, withheld: dict[str, int]) -> dict[str, Any]:
+    if release.withheld is not None:
+        withheld[task] = 0  # refused to compute: nothing was computed, so no count to keep
+        return {"withheld": release.withheld}
     check_release(task, release, policy, site_id)
     where = _non_finite(release.values, task)
     if where is not None:
