@@ -27,8 +27,10 @@ from shared.stats.matched_cox import Configuration, configurations_from_json, fi
 from shared.stats.meta import meta_analysis
 from shared.stats.risks import contrast_risks, rate_per_1000_person_years, risk_at
 from shared.stats.stratified_cox import (
+    WeightedTable,
     WeightSquares,
     fit_stratified_cox,
+    merge_weighted,
 )
 
 Partials = list[dict[str, Any]]  # the "adjusted" task's values from every site, in site order
@@ -44,26 +46,9 @@ DESCRIPTIONS = {
 }
 
 
-def _tables(part: dict[str, Any]) -> tuple[EventTable, WeightSquares]:
-    table = part["table"]
-    arrays = {name: np.asarray(table[name], dtype=np.float64).reshape(2, -1) for name in
-              ("events", "exits", "events_sq", "censored_sq")}
-    time = np.asarray(table["time"])  # days (ints) from sites; any ordered numbers work
-    return (
-        EventTable(time, arrays["events"], arrays["exits"]),  # type: ignore[arg-type]
-        WeightSquares(arrays["events_sq"], arrays["censored_sq"]),
-    )
-
-
-def _pooled_part(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """All sites' tables summed day by day: one stratum, as if the rows were pooled."""
-    days = np.unique(np.concatenate([np.asarray(p["table"]["time"]) for p in parts]))
-    summed = {name: np.zeros((2, len(days))) for name in ("events", "exits", "events_sq", "censored_sq")}
-    for part in parts:
-        position = np.searchsorted(days, np.asarray(part["table"]["time"]))
-        for name, total in summed.items():
-            total[:, position] += np.asarray(part["table"][name], dtype=np.float64).reshape(2, -1)
-    return {"table": {"time": days.tolist(), **{name: total.tolist() for name, total in summed.items()}}}
+def _tables(parts: list[dict[str, Any]]) -> tuple[list[EventTable], list[WeightSquares]]:
+    """The sites' event tables and squared-weight sums (parsed once, in :func:`combine`)."""
+    return [p["table"].table for p in parts], [p["table"].squares for p in parts]
 
 
 def _curve_json(curve: KaplanMeier) -> dict[str, list[float]]:
@@ -83,17 +68,17 @@ def _cox(name: str, parts: list[dict[str, Any]]) -> tuple[float, float, str]:
     if name == "matched":
         fit = fit_matched_cox(_configurations(parts))
         return fit.log_hr, fit.se, "model-based, conditional on the matched set"
-    tables, squares = zip(*(_tables(p) for p in parts), strict=True)
+    tables, squares = _tables(parts)
     weighted = name != "crude"
-    result = fit_stratified_cox(list(tables), list(squares) if weighted else None, what=f"the {name} Cox model")
+    result = fit_stratified_cox(tables, squares if weighted else None, what=f"the {name} Cox model")
     return result.log_hr, result.se, "robust sandwich (Lin-Wei), weights as fixed" if weighted else "model-based"
 
 
 def _ph_check(name: str, parts: list[dict[str, Any]], cuts: list[int], log_hr: float) -> dict[str, Any]:
     if name == "matched":
         return ph_check.matched(_configurations(parts), cuts)
-    tables, squares = zip(*(_tables(p) for p in parts), strict=True)
-    return ph_check.from_tables(list(tables), list(squares) if name != "crude" else None, log_hr, cuts)
+    tables, squares = _tables(parts)
+    return ph_check.from_tables(tables, squares if name != "crude" else None, log_hr, cuts)
 
 
 def _describe(name: str, protocol: StudyProtocol) -> str:
@@ -175,7 +160,7 @@ def analysis_result(
     """
     if "table" in parts[0]:
         result = _header(name, protocol, *_cox(name, parts))
-        pooled_part = _pooled_part(parts)
+        pooled_part = {"table": merge_weighted([p["table"] for p in parts])}
         if name != "matched":  # the same model with one baseline hazard for all sites (WebDISCO's design)
             log_hr_pooled, se_pooled, _ = _cox(name, [pooled_part])
             pooled_ratio = wald_ratio(log_hr_pooled, se_pooled)
@@ -184,7 +169,7 @@ def analysis_result(
                 "hr": pooled_ratio.estimate, "ci_low": pooled_ratio.ci_low, "ci_high": pooled_ratio.ci_high,
                 "log_hr": pooled_ratio.log_estimate, "se_log_hr": pooled_ratio.se,
             }
-        return {**result, **_counts_block(parts), **_survival_block(_tables(pooled_part)[0], protocol),
+        return {**result, **_counts_block(parts), **_survival_block(pooled_part["table"].table, protocol),
                 "ph_check": _ph_check(name, parts, protocol.cut_days(), result["log_hr"])}
     if name == "matched":
         result = _header(name, protocol, *_cox(name, parts))
@@ -310,7 +295,11 @@ def combine(
     estimate: it says which sites withheld it, and the other analyses go on.
     """
     names = ["crude", *protocol.adjusted_analyses()]
-    by_analysis = {name: [p["parts"][name] for p in partials] for name in names}
+    by_analysis = {
+        name: [{**part, "table": WeightedTable.from_json(part["table"])} if "table" in part else part
+               for part in (p["parts"][name] for p in partials)]
+        for name in names
+    }
     withheld = {
         name: [(site, part["withheld"]) for site, part in zip(site_ids, by_analysis[name], strict=True) if "withheld" in part]
         for name in names

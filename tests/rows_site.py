@@ -12,7 +12,7 @@ import pandas as pd
 from shared.errors import FedRWEError
 from shared.protocol.messages import RoundReply, RoundRequest
 from shared.protocol.model import StudyProtocol
-from shared.stats.cox import EventTable
+from shared.stats.stratified_cox import weighted_event_table
 from site_agent.analyses.adjusted import adjusted, weighted_cox
 from site_agent.analyses.counts import arm_summary
 from site_agent.analyses.cox import crude_cox
@@ -32,21 +32,12 @@ def rows_from_frame(frame: pd.DataFrame, columns: list[str]) -> AnalysisRows:
     )
 
 
-def event_table_of(rows: AnalysisRows) -> EventTable:
-    days = np.unique(rows.time)
-    arm, position = rows.treatment.astype(np.int64), np.searchsorted(days, rows.time)
-    events, exits = np.zeros((2, len(days)), np.int64), np.zeros((2, len(days)), np.int64)
-    np.add.at(events, (arm, position), rows.event)
-    np.add.at(exits, (arm, position), 1)
-    return EventTable(days, events, exits)
-
-
 class RowsSite:
     """Answers a study's rounds from in-memory rows, through the site's disclosure guard."""
 
     def __init__(self, site_id: str, rows: AnalysisRows, protocol: StudyProtocol, policy: DisclosurePolicy) -> None:
         self.site_id, self.rows, self.protocol, self.policy = site_id, rows, protocol, policy
-        self.table = event_table_of(rows)
+        self.table = weighted_event_table(rows.time, rows.treatment, rows.event, np.ones(len(rows.time))).table
 
     def reply(self, request: RoundRequest) -> RoundReply:
         limit, cells = self.policy.max_abs_coefficient, self.policy.min_cell_count

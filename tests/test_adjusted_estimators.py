@@ -32,10 +32,10 @@ from sklearn.metrics import roc_auc_score
 from statsmodels.duration.hazard_regression import PHReg
 
 from coordinator import ph_check
-from coordinator.adjusted import _tables, combine
+from coordinator.adjusted import combine
 from shared.protocol.model import StudyProtocol, load_protocol
-from shared.stats.stratified_cox import window_meat
-from site_agent.analyses.adjusted import adjusted, event_table_json
+from shared.stats.stratified_cox import WeightedTable, weighted_event_table, window_meat
+from site_agent.analyses.adjusted import adjusted
 from site_agent.analyses.rows import AnalysisRows
 from site_agent.disclosure.guard import guarded
 from site_agent.settings import DisclosurePolicy
@@ -376,7 +376,10 @@ def test_robust_ph_score_test_uses_the_textbook_residuals() -> None:
     cuts, log_hr = protocol().cut_days(), result["analyses"]["iptw_ate"]["log_hr"]
     frame = frame.assign(w=weights(frame, beta, "iptw_ate")).sort_values("person_id")
     expected = textbook_window_meat(frame, frame.w.to_numpy(), log_hr, cuts)
-    parts = [_tables({"table": json.loads(json.dumps(event_table_json(rows_of(site), site.w.to_numpy())))})
-             for _, site in frame.groupby("site_id")]
-    meat = sum(window_meat(t, s, log_hr, ph_check.windows_of(cuts)) for t, s in parts)
+    parts = []
+    for _, site in frame.groupby("site_id"):  # frame is in person-id order, as rows_of sorts
+        rows = rows_of(site)
+        released = weighted_event_table(rows.time, rows.treatment, rows.event, site.w.to_numpy()).to_json()
+        parts.append(WeightedTable.from_json(json.loads(json.dumps(released))))
+    meat = sum(window_meat(p.table, p.squares, log_hr, ph_check.windows_of(cuts)) for p in parts)
     np.testing.assert_allclose(meat, expected, rtol=1e-9)

@@ -37,6 +37,61 @@ class WeightSquares:
     censored: FloatArray  # shape (2, len(time))
 
 
+@dataclass(frozen=True)
+class WeightedTable:
+    """A stratum's (weighted) event table and its squared-weight sums, as a site releases them."""
+
+    table: EventTable
+    squares: WeightSquares
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "time": self.table.time.tolist(), "events": self.table.events.tolist(), "exits": self.table.exits.tolist(),
+            "events_sq": self.squares.events.tolist(), "censored_sq": self.squares.censored.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> WeightedTable:
+        arrays = {k: np.asarray(data[k], dtype=np.float64).reshape(2, -1) for k in
+                  ("events", "exits", "events_sq", "censored_sq")}
+        time = np.asarray(data["time"])  # days (ints) from sites; any ordered numbers work
+        return cls(
+            EventTable(time, arrays["events"], arrays["exits"]),  # type: ignore[arg-type]
+            WeightSquares(arrays["events_sq"], arrays["censored_sq"]),
+        )
+
+
+def weighted_event_table(
+    time: NDArray[np.generic], treatment: NDArray[np.generic], event: NDArray[np.generic], weight: FloatArray
+) -> WeightedTable:
+    """Weighted events and exits per day and arm, and squared-weight sums, of the rows with w > 0."""
+    keep = weight > 0
+    t, arm = np.asarray(time)[keep], np.asarray(treatment)[keep].astype(np.int64)
+    d, w = np.asarray(event)[keep].astype(np.float64), weight[keep]
+    days = np.unique(t)
+    position = np.searchsorted(days, t)
+    sums = {name: np.zeros((2, len(days))) for name in ("events", "exits", "events_sq", "censored_sq")}
+    np.add.at(sums["events"], (arm, position), w * d)
+    np.add.at(sums["exits"], (arm, position), w)
+    np.add.at(sums["events_sq"], (arm, position), w * w * d)
+    np.add.at(sums["censored_sq"], (arm, position), w * w * (1.0 - d))
+    return WeightedTable(
+        EventTable(days, sums["events"], sums["exits"]),  # type: ignore[arg-type]
+        WeightSquares(sums["events_sq"], sums["censored_sq"]),
+    )
+
+
+def merge_weighted(tables: list[WeightedTable]) -> WeightedTable:
+    """All strata summed day by day: one stratum, as if the rows were pooled."""
+    days = np.unique(np.concatenate([t.table.time for t in tables]))
+    sums = [np.zeros((2, len(days))) for _ in range(4)]
+    for t in tables:
+        position = np.searchsorted(days, t.table.time)
+        for total, part in zip(sums, (t.table.events, t.table.exits, t.squares.events, t.squares.censored), strict=True):
+            total[:, position] += np.asarray(part, dtype=np.float64)
+    return WeightedTable(EventTable(days, sums[0], sums[1]), WeightSquares(sums[2], sums[3]))  # type: ignore[arg-type]
+
+
 def _event_day_mask(table: EventTable, days: tuple[float, float] | None) -> NDArray[np.bool_]:
     has_event = table.events.sum(axis=0) > 0
     if days is None:

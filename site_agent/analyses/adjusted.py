@@ -23,14 +23,14 @@ from scipy.stats import rankdata
 from shared.errors import ConvergenceError, ProtocolError
 from shared.protocol.model import StudyProtocol
 from shared.stats.balance import arm_moments
-from shared.stats.cox import EventTable, binary_cox_derivatives
+from shared.stats.cox import binary_cox_derivatives
 from shared.stats.matched_cox import configurations_to_json, risk_set_configurations
 from shared.stats.matching import greedy_match_sets
 from shared.stats.stratified_cox import (
-    WeightSquares,
     fit_stratified_cox,
     stratum_derivatives,
     stratum_meat,
+    weighted_event_table,
     window_meat,
 )
 from shared.stats.weights import propensity_weights
@@ -40,21 +40,6 @@ from site_agent.analyses.rows import AnalysisRows
 
 HISTOGRAM_BINS = 20  # propensity-score histogram per arm: bins of 0.05 on [0, 1]
 _ESTIMAND = {"iptw_ate": "ate", "iptw_att": "att", "overlap": "overlap"}
-
-
-def event_table_json(rows: AnalysisRows, weight: NDArray[np.float64]) -> dict[str, Any]:
-    """Weighted events and exits per day and arm, and the squared-weight sums, of rows with w > 0."""
-    keep = weight > 0
-    time, arm = rows.time[keep], rows.treatment[keep].astype(np.int64)
-    event, w = rows.event[keep].astype(np.float64), weight[keep]
-    days = np.unique(time)
-    position = np.searchsorted(days, time)
-    tables = {name: np.zeros((2, len(days))) for name in ("events", "exits", "events_sq", "censored_sq")}
-    np.add.at(tables["events"], (arm, position), w * event)
-    np.add.at(tables["exits"], (arm, position), w)
-    np.add.at(tables["events_sq"], (arm, position), w * w * event)
-    np.add.at(tables["censored_sq"], (arm, position), w * w * (1.0 - event))
-    return {"time": days.tolist(), **{name: table.tolist() for name, table in tables.items()}}
 
 
 def _arm_counts(rows: AnalysisRows, weight: NDArray[np.float64]) -> dict[str, list[float]]:
@@ -179,7 +164,7 @@ def adjusted(
             "moments": arm_moments(rows.design[:, 1:], treatment, weight).to_json(),
         }
         if event_tables:
-            part["table"] = event_table_json(rows, weight)
+            part["table"] = weighted_event_table(rows.time, rows.treatment, rows.event, weight).to_json()
         elif name != "matched":
             part["local_fit"] = local_fit(rows, weight, robust=name != "crude")
         if name == "matched" and scored.set_id is not None:
@@ -191,18 +176,11 @@ def adjusted(
     return Release(values, parts=parts)
 
 
-def _site_table(rows: AnalysisRows, weight: NDArray[np.float64]) -> tuple[EventTable, WeightSquares]:
-    table = event_table_json(rows, weight)
-    arrays = {k: np.asarray(table[k], dtype=np.float64).reshape(2, -1) for k in ("events", "exits", "events_sq", "censored_sq")}
-    time = np.asarray(table["time"])
-    return EventTable(time, arrays["events"], arrays["exits"]), WeightSquares(arrays["events_sq"], arrays["censored_sq"])  # type: ignore[arg-type]
-
-
 def local_fit(rows: AnalysisRows, weight: NDArray[np.float64], robust: bool) -> dict[str, float] | None:
     """The site's own (weighted) Cox fit, a warm start for the federated one (None if it has none)."""
-    table, squares = _site_table(rows, weight)
+    site = weighted_event_table(rows.time, rows.treatment, rows.event, weight)
     try:
-        fit = fit_stratified_cox([table], [squares] if robust else None, what="the site's own Cox model")
+        fit = fit_stratified_cox([site.table], [site.squares] if robust else None, what="the site's own Cox model")
     except ConvergenceError:
         return None
     return {"beta": fit.log_hr, "variance": fit.se**2}
@@ -223,7 +201,8 @@ def weighted_cox(
         beta = float(fit["beta"])
         check_coefficients(f"weighted_cox.{name}", np.array([beta]), max_abs_coefficient)
         weight = scored.weights[name]
-        table, squares = _site_table(rows, weight)
+        site = weighted_event_table(rows.time, rows.treatment, rows.event, weight)
+        table, squares = site.table, site.squares
         part: dict[str, Any] = binary_cox_derivatives(table, beta).to_json()
         if fit.get("final"):
             windows = list(pairwise(cuts))
