@@ -35,7 +35,17 @@ class _HalleyFit:
     def __init__(self) -> None:
         self.beta = 0.0
         self.iterations = 0
+        self.final: dict[str, Any] | None = None
+        self.error: str | None = None
         self._previous: tuple[float, float] | None = None
+
+    @property
+    def converged(self) -> bool:
+        return self.final is not None or self.error is not None
+
+    def give_up(self, reason: str) -> None:
+        """No estimate (an arm without events, a site that refused the model): say why, stop."""
+        self.error = reason
 
     def _warm_start_from(self, local_fits: list[dict[str, float] | None]) -> bool:
         """Inverse-variance weighted mean of the sites' own fits; False when no site has one."""
@@ -70,16 +80,6 @@ class CrudeCoxFit(_HalleyFit):
         super().__init__()
         self.tolerance = tolerance
         self.max_rounds = max_rounds
-        self.final: dict[str, float] | None = None
-        self.error: str | None = None
-
-    @property
-    def converged(self) -> bool:
-        return self.final is not None or self.error is not None
-
-    def give_up(self, reason: str) -> None:
-        """No finite estimate exists (e.g. an arm without events): say why instead of iterating."""
-        self.error = reason
 
     def first_params(self) -> dict[str, Any]:
         return {"beta": 0.0, "local_fit": True}
@@ -263,16 +263,6 @@ class WeightedCoxFit(_HalleyFit):
         self.name, self.robust = name, robust
         self.tolerance, self.max_rounds = tolerance, max_rounds
         self.at_point = False
-        self.final: dict[str, Any] | None = None
-        self.error: str | None = None
-
-    @property
-    def converged(self) -> bool:
-        return self.final is not None or self.error is not None
-
-    def give_up(self, reason: str) -> None:
-        """No estimate (e.g. a site refused to evaluate the model): say why, stop iterating."""
-        self.error = reason
 
     def warm_start(self, local_fits: list[dict[str, float] | None]) -> None:
         """Inverse-variance weighted mean of the sites' own fits (0 when no site has one)."""
