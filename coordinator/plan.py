@@ -74,7 +74,7 @@ class StudyPlan:
             return self._request("adjusted", tasks)
         cox_pending = {name: fit.next_params() for name, fit in self.cox_fits.items() if not fit.converged}
         if cox_pending:
-            return self._request("cox", {"weighted_cox": {"propensity": self._adjusted_params(), "fits": cox_pending}})
+            return self._request("cox", {WeightedCoxFit.task: {"propensity": self._adjusted_params(), "fits": cox_pending}})
         return None
 
     def _adjusted_params(self) -> dict[str, Any]:
@@ -132,7 +132,7 @@ class StudyPlan:
                     self._absorb_adjusted([r["adjusted"] for r in ordered], sorted(replies))
             self._final_round_done = True
         else:  # "cox": a step (or the final round) of every weighted Cox fit still open
-            tasks = [r["weighted_cox"] for r in ordered]
+            tasks = [r[WeightedCoxFit.task] for r in ordered]
             for name, cox_fit in self.cox_fits.items():
                 if cox_fit.converged:
                     continue

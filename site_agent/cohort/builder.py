@@ -62,9 +62,9 @@ class Cohort:
         self.intermediate.unpersist()
 
 
-def _first_date_on_or_after_entry(drugs: DataFrame, entry: DataFrame, arm: Column) -> DataFrame:
+def _first_date_on_or_after_entry(records: DataFrame, entry: DataFrame, arm: Column) -> DataFrame:
     return (
-        drugs.where(arm)
+        records.where(arm)
         .join(entry, "person_id")
         .where(F.col("date") >= F.col("entry_date"))
         .groupBy("person_id")
