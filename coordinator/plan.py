@@ -33,14 +33,21 @@ _SUMMARY_TASKS = ("provenance", "attrition", "arm_summary")
 
 @dataclass
 class StudyPlan:
-    """Rounds and central computations of one run of a study."""
+    """Rounds and central computations of one comparison of one run of a study.
 
-    protocol: StudyProtocol
+    ``study`` is the whole protocol (what requests carry and sites approve); ``protocol``
+    is the comparison's single-comparison protocol (``study.resolve(comparison)``), which
+    every estimator reads.
+    """
+
+    study: StudyProtocol
+    comparison: str | None = None
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     _round: int = 0
 
     def __post_init__(self) -> None:
+        self.protocol = self.study.resolve(self.comparison)
         self.crude = CrudeCoxFit()
         self.fits: list[CrudeCoxFit | PropensityFit] = [self.crude]
         self.propensity_fit: PropensityFit | None = None
@@ -89,13 +96,15 @@ class StudyPlan:
 
     def _request(self, name: str, tasks: dict[str, dict[str, Any]]) -> RoundRequest:
         self._kind = name
+        prefix = f"{self.comparison}/" if self.comparison else ""
         return RoundRequest(
-            study_id=self.protocol.study_id,
+            study_id=self.study.study_id,
             run_id=self.run_id,
-            round_name=f"{self._round + 1}-{name}",
+            round_name=f"{prefix}{self._round + 1}-{name}",
             round_index=self._round + 1,
-            protocol=self.protocol.model_dump(mode="json"),
-            protocol_sha256=self.protocol.sha256(),
+            protocol=self.study.model_dump(mode="json"),
+            protocol_sha256=self.study.sha256(),
+            comparison=self.comparison,
             tasks=tasks,
         )
 

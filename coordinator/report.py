@@ -11,6 +11,8 @@ from math import exp
 from pathlib import Path
 from typing import Any
 
+from coordinator.results import comparison_views
+
 _STYLE = """
 body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -104,14 +106,10 @@ def _meta_table(meta: dict[str, Any]) -> str:
                    "I^2", "tau^2"], rows)
 
 
-def render_report(results: dict[str, Any], truth: dict[str, Any] | None = None) -> str:
-    """The report as one HTML string."""
+def _comparison_parts(results: dict[str, Any]) -> list[str]:
+    """The sections of one comparison: cohorts, attrition, estimates, balance, models."""
     crude = results["analyses"]["crude"]
     parts = [
-        f"<h1>{escape(results['title'])}</h1>",
-        f"<p>Study <code>{escape(results['study_id'])}</code>, protocol SHA-256 "
-        f"<code>{escape(results['protocol_sha256'])}</code>, {len(results['sites'])} sites, "
-        f"generated {escape(results['generated_at'])}.</p>",
         _headline(results),
         "<h2>Cohort per site</h2>",
         _table(
@@ -159,21 +157,32 @@ def render_report(results: dict[str, Any], truth: dict[str, Any] | None = None) 
                    [[name, value, propensity["standard_errors"][name]]
                     for name, value in propensity["coefficients"].items()]),
         ]
-    if truth is not None:
-        marginal = truth.get("marginal_effect_in_treated", {})
-        parts += [
-            "<h2>Planted truth (simulation)</h2>",
-            "<p class='note'>Synthetic data: the generator's true parameters. The crude HR is "
-            "expected to be biased by the planted confounding.</p>",
-            _table(["quantity", "value"],
-                   [["conditional HR (planted)", truth.get("hr_conditional")],
-                    *[[f"marginal {k} in the treated", v] for k, v in marginal.items()
-                      if isinstance(v, int | float)]]),
-        ]
-    parts += [
+    return parts
+
+
+def render_report(results: dict[str, Any], truth: dict[str, Any] | None = None) -> str:
+    """The report as one HTML string (one part per comparison when the study has several)."""
+    views = comparison_views(results)
+    parts = [
+        f"<h1>{escape(results['title'])}</h1>",
+        f"<p>Study <code>{escape(results['study_id'])}</code>, protocol SHA-256 "
+        f"<code>{escape(results['protocol_sha256'])}</code>, "
+        f"{max(len(view.get('sites', [])) for view in views)} sites, "
+        f"generated {escape(results['generated_at'])}.</p>",
+    ]
+    for view in views:
+        if view["comparison_id"] is not None:
+            parts.append(f"<h1>Comparison <code>{escape(view['comparison_id'])}</code>: {escape(view['title'])}</h1>")
+        if "error" in view:
+            parts.append(f"<p><b>This comparison has no results:</b> {escape(view['error'])}</p>")
+        else:
+            parts += _comparison_parts(view)
+    parts = [
+        *parts, *_truth_parts(truth),
         "<h2>Rounds</h2>",
         _table(["round", "seconds", "bytes sent", "bytes received"],
-               [[r["name"], r["seconds"], r["bytes_sent"], r["bytes_received"]] for r in results["rounds"]]),
+               [[r["name"], r["seconds"], r["bytes_sent"], r["bytes_received"]]
+                for view in views for r in view.get("rounds", [])]),
         "<h2>Software</h2>",
         _table(["package", "version"], [[k, v] for k, v in results["software"].items()]),
     ]
@@ -182,6 +191,23 @@ def render_report(results: dict[str, Any], truth: dict[str, Any] | None = None) 
         f"<title>{escape(results['study_id'])} - fedrwe report</title><style>{_STYLE}</style></head>"
         f"<body>{''.join(parts)}</body></html>\n"
     )
+
+
+def _truth_parts(truth: dict[str, Any] | None) -> list[str]:
+    """In simulation: the generator's planted parameters."""
+    if truth is None:
+        return []
+    marginal = truth.get("marginal_effect_in_treated", {})
+    return [
+        "<h2>Planted truth (simulation)</h2>",
+        "<p class='note'>Synthetic data: the generator's true parameters, planted for ketamine "
+        "vs the anaesthetic comparators; the crude HR is expected to be biased by the planted "
+        "confounding. Comparisons with other arms have no planted truth.</p>",
+        _table(["quantity", "value"],
+               [["conditional HR (planted)", truth.get("hr_conditional")],
+                *[[f"marginal {k} in the treated", v] for k, v in marginal.items()
+                  if isinstance(v, int | float)]]),
+    ]
 
 
 def write_report(path: Path, results: dict[str, Any], truth: dict[str, Any] | None = None) -> None:

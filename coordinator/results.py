@@ -12,6 +12,7 @@ from typing import Any
 
 from coordinator.plan import StudyPlan
 from shared.errors import ConvergenceError
+from shared.protocol.model import StudyProtocol
 
 RESULTS_SCHEMA_VERSION = 1
 _PACKAGES = ("fedrwe", "flwr", "prefect", "pyspark", "deltalake", "numpy", "scipy", "pandas", "pydantic")
@@ -28,25 +29,59 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def build_results(
-    plan: StudyPlan, rounds: list[dict[str, Any]], extra: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Assemble results.json from a finished plan and the transport's round records."""
+def comparison_results(plan: StudyPlan, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The results of one comparison: its sites' counts and attrition, estimates, rounds."""
     return {
-        "schema_version": RESULTS_SCHEMA_VERSION,
-        "study_id": plan.protocol.study_id,
-        "title": plan.protocol.title,
-        "protocol_sha256": plan.protocol.sha256(),
-        "run_id": plan.run_id,
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "sites": [plan.sites[site_id] for site_id in sorted(plan.sites)],
         "analyses": plan.analyses(),
         **({"propensity": propensity} if (propensity := plan.propensity()) is not None else {}),
         **plan.extras(),
         "rounds": rounds,
-        "software": software_versions(),
-        **(extra or {}),
     }
+
+
+def build_results(
+    plan: StudyPlan, rounds: list[dict[str, Any]], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """results.json of a study run by one plan (one comparison)."""
+    return study_results(plan.study, plan.run_id, [(plan.comparison, comparison_results(plan, rounds))], extra)
+
+
+def study_results(
+    study: StudyProtocol,
+    run_id: str,
+    comparisons: list[tuple[str | None, dict[str, Any]]],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble results.json from each comparison's results (or ``{"error": ...}``).
+
+    A one-comparison protocol keeps its results at the top level; a protocol with several
+    lists them under ``comparisons`` (each with its id and title), in protocol order.
+    """
+    header = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "study_id": study.study_id,
+        "title": study.title,
+        "protocol_sha256": study.sha256(),
+        "run_id": run_id,
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if comparisons == [(None, comparisons[0][1])]:
+        body: dict[str, Any] = comparisons[0][1]
+    else:
+        body = {"comparisons": [
+            {"comparison_id": cid, "title": study.resolve(cid).title, **result} for cid, result in comparisons
+        ]}
+    return {**header, **body, "software": software_versions(), **(extra or {})}
+
+
+def comparison_views(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each comparison's results merged with the study's header, as one-comparison results
+    read (``comparison_id`` None for a one-comparison study)."""
+    if "comparisons" not in results:
+        return [{"comparison_id": None, **results}]
+    header = {key: value for key, value in results.items() if key != "comparisons"}
+    return [{**header, **comparison} for comparison in results["comparisons"]]
 
 
 def _finite(value: Any, where: str) -> None:

@@ -121,9 +121,9 @@ def study_run(
     from flows.submit import run_study_on_superlink
 
     results = run_study_on_superlink(protocol, superlink, out, min_sites, prefect_api_url)
-    from flows.summary import analyses_table
+    from flows.summary import print_estimates
 
-    Console().print(analyses_table(results))
+    print_estimates(Console(), results)
     Console().print(f"results in {out / 'results.json'}")
 
 

@@ -24,9 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.results import comparison_views
 from flows.localnet import LocalNetwork, SiteSpec, free_port
 from flows.submit import run_and_explain, study_run_config
-from flows.summary import analyses_table
+from flows.summary import print_estimates
 from shared.errors import DataError
 from shared.protocol.model import StudyProtocol, load_protocol
 from shared.synthetic import generate_network
@@ -121,6 +122,18 @@ def simulated_sites(
     return specs, workdirs
 
 
+def write_pooled_datasets(study: StudyProtocol, results: dict[str, Any], site_workdirs: list[Path], folder: Path) -> int:
+    """Pooled rows of every comparison that ran (``pooled_analysis_dataset[__ID].parquet``);
+    the number of rows written."""
+    rows = 0
+    for view in comparison_views(results):
+        if "error" not in view:
+            cid = view["comparison_id"]
+            name = "pooled_analysis_dataset" + (f"__{cid}" if cid else "") + ".parquet"
+            rows += write_pooled_dataset(study.resolve(cid), site_workdirs, folder / name)
+    return rows
+
+
 def write_pooled_dataset(protocol: StudyProtocol, site_workdirs: list[Path], path: Path) -> int:
     """Stack every site's analysis rows into one Parquet file, marked simulation-only."""
     columns = ["site_id", "person_id", "treatment", "time", "event", *protocol.covariate_columns()]
@@ -182,11 +195,15 @@ def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, 
     timings["peak_rss_bytes"] = {"per_process": memory.per_process, "total": memory.total}
 
     console.print("[bold]4/4[/] writing the pooled dataset (simulation only) and the summary")
-    n_rows = write_pooled_dataset(protocol, workdirs, out / "sim" / "pooled_analysis_dataset.parquet")
-    timings["total_s"] = round(time.perf_counter() - started, 2)
     results: dict[str, Any] = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    timings["cohort_s"] = {s["site_id"]: s["provenance"]["cohort_seconds"] for s in results["sites"]}
-    timings["rounds_s"] = {r["name"]: r["seconds"] for r in results["rounds"]}
+    n_rows = write_pooled_datasets(protocol, results, workdirs, out / "sim")
+    timings["total_s"] = round(time.perf_counter() - started, 2)
+    views = [view for view in comparison_views(results) if "error" not in view]
+    timings["cohort_s"] = {
+        ":".join(filter(None, [view["comparison_id"], s["site_id"]])): s["provenance"]["cohort_seconds"]
+        for view in views for s in view["sites"]
+    }
+    timings["rounds_s"] = {r["name"]: r["seconds"] for view in views for r in view["rounds"]}
     truth = json.loads((out / "truth.json").read_text(encoding="utf-8"))
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
     _print_summary(console, results, truth, timings, out, n_rows)
@@ -197,17 +214,19 @@ def _print_summary(
     console: Console, results: dict[str, Any], truth: dict[str, Any], timings: dict[str, Any],
     out: Path, n_rows: int,
 ) -> None:
-    table = Table(title=f"{results['study_id']}: cohort per site")
-    for column in ("site", "exposed", "comparator", "events exp.", "events comp."):
-        table.add_column(column, justify="right")
-    for site in results["sites"]:
-        table.add_row(site["site_id"], *(f"{site[k]:,}" for k in (
-            "n_exposed", "n_comparator", "events_exposed", "events_comparator")))
-    console.print(table)
-    console.print(analyses_table(results, truth["hr_conditional"]))
+    for view in comparison_views(results):
+        if "error" in view:
+            continue
+        table = Table(title=f"{view['title']}: cohort per site")
+        for column in ("site", "exposed", "comparator", "events exp.", "events comp."):
+            table.add_column(column, justify="right")
+        for site in view["sites"]:
+            table.add_row(site["site_id"], *(f"{site[k]:,}" for k in (
+                "n_exposed", "n_comparator", "events_exposed", "events_comparator")))
+        console.print(table)
+    print_estimates(console, results, truth["hr_conditional"])
     console.print("the crude HR is confounded by design; the propensity-score analyses adjust for it.")
-    rounds = ", ".join(f"{r['name']} {r['seconds']:.1f}s" for r in results["rounds"])
-    console.print(f"rounds: {rounds}")
+    console.print(f"rounds: {', '.join(f'{name} {seconds:.1f}s' for name, seconds in timings['rounds_s'].items())}")
     startup = timings["process_startup_s"]
     spark_start = max(v for k, v in startup.items() if k.endswith("-service"))
     console.print(

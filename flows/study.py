@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ from prefect.runtime import flow_run as prefect_flow_run
 from coordinator.flower_server import FlowerTransport
 from coordinator.plan import StudyPlan
 from coordinator.report import write_report
-from coordinator.results import build_results, write_results
-from shared.errors import FedRWEError, ProtocolError, SiteError, TransportError
+from coordinator.results import comparison_results, study_results, write_results
+from shared.errors import FedRWEError, InsufficientSites, ProtocolError, SiteError, TransportError
 from shared.protocol.messages import RoundReply, RoundRequest, decode_reply
 from shared.protocol.model import StudyProtocol, parse_protocol
 
@@ -76,13 +77,10 @@ def exchange_round(transport: FlowerTransport, request: RoundRequest, timeout_s:
     return replies
 
 
-@flow(name="fedrwe-study", validate_parameters=False, log_prints=True)
-def study_flow(
-    transport: FlowerTransport, protocol: StudyProtocol, out_dir: str, timeout_s: float,
-    truth_path: str | None = None,
-) -> dict[str, Any]:
-    """Run the study's rounds, then write results.json and report.html."""
-    plan = StudyPlan(protocol)
+def run_comparison(
+    transport: FlowerTransport, plan: StudyPlan, timeout_s: float
+) -> list[dict[str, Any]]:
+    """Run one comparison's rounds to the end; the round records (time, bytes)."""
     rounds: list[dict[str, Any]] = []
     while (request := plan.next_request()) is not None:
         started = time.perf_counter()
@@ -98,13 +96,51 @@ def study_flow(
             "bytes_received": record["bytes_received"],
         })
         print(f"round {request.round_name}: {rounds[-1]['seconds']:.2f} s, {len(replies)} sites")
+    return rounds
+
+
+def run_comparisons(
+    transport: FlowerTransport, study: StudyProtocol, timeout_s: float, run_id: str
+) -> list[tuple[str | None, dict[str, Any]]]:
+    """Every comparison of the study, one after the other, each with its own rounds.
+
+    With several comparisons, one that fails (a site error, no estimate) is recorded with
+    its error and the others still run; a transport failure stops the study. A protocol
+    with one comparison fails as a whole, as before.
+    """
+    outcomes: list[tuple[str | None, dict[str, Any]]] = []
+    for comparison in study.comparison_ids():
+        plan = StudyPlan(study, comparison, run_id=run_id)
+        try:
+            outcomes.append((comparison, comparison_results(plan, run_comparison(transport, plan, timeout_s))))
+        except FedRWEError as error:
+            if comparison is None or isinstance(error, TransportError):
+                raise
+            print(f"comparison {comparison}: failed: {error}")
+            outcomes.append((comparison, {"error": f"{type(error).__name__}: {error}"}))
+    if all("error" in result for _, result in outcomes):
+        raise InsufficientSites(
+            f"study {study.study_id!r}: every comparison failed: "
+            + "; ".join(f"{cid}: {result['error']}" for cid, result in outcomes)
+        )
+    return outcomes
+
+
+@flow(name="fedrwe-study", validate_parameters=False, log_prints=True)
+def study_flow(
+    transport: FlowerTransport, protocol: StudyProtocol, out_dir: str, timeout_s: float,
+    truth_path: str | None = None,
+) -> dict[str, Any]:
+    """Run the study's comparisons round by round, then write results.json and report.html."""
+    run_id = uuid.uuid4().hex
+    comparisons = run_comparisons(transport, protocol, timeout_s, run_id)
     extra: dict[str, Any] = {}
     truth = None
     if truth_path:
         truth = json.loads(Path(truth_path).read_text(encoding="utf-8"))
         extra["simulation"] = {"truth_path": truth_path, "note": "synthetic data with planted truth"}
     extra["orchestration"] = {"prefect_flow_run_id": str(prefect_flow_run.id)}
-    results = build_results(plan, rounds, extra)
+    results = study_results(protocol, run_id, comparisons, extra)
     out = Path(out_dir)
     write_results(out / "results.json", results)
     write_report(out / "report.html", results, truth)

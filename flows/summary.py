@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from rich import box
+from rich.console import Console
 from rich.table import Table
+
+from coordinator.results import comparison_views
 
 
 def analyses_table(results: dict[str, Any], truth_hr: float | None = None) -> Table:
@@ -30,3 +33,16 @@ def analyses_table(results: dict[str, Any], truth_hr: float | None = None) -> Ta
         else:
             table.add_row(name, *arms, *risks, f"{a['hr']:.2f}", f"{a['ci_low']:.2f}-{a['ci_high']:.2f}")
     return table
+
+
+def print_estimates(console: Console, results: dict[str, Any], truth_hr: float | None = None) -> None:
+    """The estimates table of every comparison (the planted HR only for a one-comparison study,
+    whose arms are the simulation's)."""
+    views = comparison_views(results)
+    for view in views:
+        if view["comparison_id"] is not None:
+            console.print(f"[bold]comparison {view['comparison_id']}[/]: {view['title']}")
+        if "error" in view:
+            console.print(f"  no results: {view['error']}")
+        else:
+            console.print(analyses_table(view, truth_hr if len(views) == 1 else None))

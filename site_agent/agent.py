@@ -169,7 +169,8 @@ class SiteAgent:
         )
 
     def _protocol(self, request: RoundRequest) -> StudyProtocol:
-        """The request's protocol, checked against its hash, its study id and its tasks."""
+        """The request's comparison of its protocol; the protocol checked against its hash,
+        its study id and its tasks."""
         protocol = parse_protocol(request.protocol, f"in request {request.round_name!r}")
         if protocol.sha256() != request.protocol_sha256:
             raise ProtocolError(
@@ -190,7 +191,7 @@ class SiteAgent:
                 f"{protocol.study_id!r} (its analyses allow {sorted(allowed)}). Fix: add the "
                 f"analysis to the protocol, which the site must then approve again."
             )
-        return protocol
+        return protocol.resolve(request.comparison)
 
     def _state(self, protocol: StudyProtocol) -> _StudyState:
         dataset = self._store.get(protocol)

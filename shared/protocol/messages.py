@@ -41,6 +41,9 @@ class RoundRequest(_Message):
     round_index: int = Field(ge=1)
     protocol: dict[str, Any] = Field(description="The full protocol, as JSON.")
     protocol_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    comparison: str | None = Field(
+        default=None, description="Which of the protocol's comparisons (None: its only one).",
+    )
     tasks: dict[str, dict[str, Any]] = Field(description="Partial computation name -> inputs.")
 
 

@@ -1,8 +1,13 @@
 """The study protocol: what a study lead declares and every site agrees to run.
 
 A protocol is YAML validated by these pydantic models. Unknown fields are errors (a typo
-must not silently change a study). Codes are source codes by vocabulary for now; a later
-schema version adds standard concept ids with descendants, next to ``include``.
+must not silently change a study).
+
+A protocol holds one comparison (top-level ``exposure`` and ``comparator``) or several
+(``comparisons``, as OHDSI CohortMethod's target-comparator-outcome lists). Sites and the
+coordinator work on one comparison at a time: :meth:`StudyProtocol.resolve` turns a
+protocol and a comparison id into the single-comparison protocol the cohort rules and
+estimators read, while requests carry (and sites approve) the whole protocol.
 """
 
 from __future__ import annotations
@@ -213,6 +218,36 @@ class Weighting(_Strict):
     truncate_at: float | None = Field(default=None, gt=1.0, description="Cap every weight at this value.")
 
 
+class Restriction(_Strict):
+    """A required condition: only persons with a record of ``codes`` in ``window`` stay
+    (e.g. CUD patients with depression for the paper's second comparison)."""
+
+    name: str = Field(min_length=1)
+    codes: CodeSet
+    window: DayWindow = Field(
+        default_factory=lambda: DayWindow(start_day=-36_500, end_day=0),
+        description="Days relative to index where the condition must be recorded (default: any day up to index).",
+    )
+
+
+_COMPARISON_ID = r"^[a-z][a-z0-9_]{0,31}$"
+
+
+class Comparison(_Strict):
+    """One target-comparator(-outcome) comparison of a protocol with several."""
+
+    id: str = Field(pattern=_COMPARISON_ID, description="Short id, e.g. `vs_midazolam`; names its results.")
+    title: str | None = Field(default=None, description="What the comparison asks (default: the arms' names).")
+    exposure: Exposure
+    comparator: Comparator
+    outcome: Outcome | None = Field(default=None, description="Overrides the protocol's outcome.")
+    restrict_to: Restriction | None = Field(default=None, description="Overrides the protocol's restriction.")
+    exclude_covariates: list[str] = Field(
+        default_factory=list,
+        description="Covariates (by name) left out of this comparison, e.g. the condition it is restricted to.",
+    )
+
+
 class StudyProtocol(_Strict):
     """A complete, declarative study: population, arms, outcome, windows, covariates, analyses."""
 
@@ -220,9 +255,13 @@ class StudyProtocol(_Strict):
     study_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,63}$", description="Stable study id.")
     title: str = Field(min_length=1)
     population: Population
-    exposure: Exposure
-    comparator: Comparator
+    exposure: Exposure | None = Field(default=None, description="The exposed arm (one comparison).")
+    comparator: Comparator | None = Field(default=None, description="The comparator arm (one comparison).")
+    comparisons: list[Comparison] = Field(
+        default_factory=list, description="Several comparisons, instead of `exposure` and `comparator`.",
+    )
     outcome: Outcome
+    restrict_to: Restriction | None = Field(default=None, description="Keep only persons with this condition.")
     index: IndexRule = IndexRule()
     washout_days: int = Field(default=365, ge=0, le=3650)
     time_at_risk: DayWindow = Field(description="Days after index at risk, e.g. 1..365.")
@@ -243,6 +282,7 @@ class StudyProtocol(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> StudyProtocol:
+        self._check_comparisons()
         columns = self.covariate_columns()
         duplicates = sorted({n for n in columns if columns.count(n) > 1})
         if duplicates:
@@ -274,14 +314,82 @@ class StudyProtocol(_Strict):
             )
         return self
 
+    def _check_comparisons(self) -> None:
+        one = self.exposure is not None or self.comparator is not None
+        if self.comparisons and one:
+            raise ValueError("give either `exposure` and `comparator` or `comparisons`, not both")
+        if not self.comparisons and (self.exposure is None or self.comparator is None):
+            missing = [name for name in ("exposure", "comparator") if getattr(self, name) is None]
+            raise ValueError(f"missing {' and '.join(missing)}: a protocol needs both arms (or `comparisons`)")
+        ids = [c.id for c in self.comparisons]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"comparison ids {ids} repeat; give each comparison its own id")
+        names = {c.name for c in self.covariates}
+        for c in self.comparisons:
+            unknown = sorted(set(c.exclude_covariates) - names)
+            if unknown:
+                raise ValueError(
+                    f"comparison {c.id!r}: exclude_covariates {unknown} are not covariates of the "
+                    f"protocol (it has {sorted(names)})"
+                )
+
+    def comparison_ids(self) -> list[str | None]:
+        """The comparisons to run, in protocol order (``[None]`` for a one-comparison protocol)."""
+        return [c.id for c in self.comparisons] or [None]
+
+    def resolve(self, comparison: str | None) -> StudyProtocol:
+        """The single-comparison protocol of ``comparison`` (``None``: this one-comparison protocol).
+
+        Its study id is ``STUDY__COMPARISON``, so each comparison's datasets and caches stay
+        apart; its arms, outcome and restriction are the comparison's; excluded covariates
+        are gone. It is not what sites approve: requests carry the whole protocol.
+        """
+        if comparison is None:
+            if self.comparisons:
+                raise ProtocolError(
+                    f"study {self.study_id!r} has comparisons {[c.id for c in self.comparisons]}; a "
+                    f"request must name one. Fix: run the study with the coordinator of this version."
+                )
+            return self
+        chosen = next((c for c in self.comparisons if c.id == comparison), None)
+        if chosen is None:
+            raise ProtocolError(
+                f"study {self.study_id!r} has no comparison {comparison!r} (it has "
+                f"{[c.id for c in self.comparisons] or 'none'}). Fix: name one of them."
+            )
+        return self.model_copy(update={
+            "study_id": f"{self.study_id}__{chosen.id}",
+            "title": chosen.title or f"{self.title}: {chosen.exposure.name} vs {chosen.comparator.name}",
+            "exposure": chosen.exposure,
+            "comparator": chosen.comparator,
+            "comparisons": [],
+            "outcome": chosen.outcome or self.outcome,
+            "restrict_to": chosen.restrict_to or self.restrict_to,
+            "covariates": [c for c in self.covariates if c.name not in chosen.exclude_covariates],
+        })
+
+    def arms(self) -> tuple[Exposure, Comparator]:
+        """The exposure and comparator of a one-comparison (or resolved) protocol."""
+        if self.exposure is None or self.comparator is None:
+            raise ProtocolError(
+                f"study {self.study_id!r} has several comparisons; resolve one first "
+                f"(StudyProtocol.resolve)"
+            )
+        return self.exposure, self.comparator
+
     def code_sets(self) -> list[CodeSet]:
-        """Every concept set of the protocol (entry, arms, outcome, condition covariates)."""
-        sets = [self.population.entry, self.exposure.codes, self.comparator.codes, self.outcome.codes]
+        """Every concept set of a one-comparison protocol (entry, arms, outcome, restriction,
+        condition covariates)."""
+        exposure, comparator = self.arms()
+        sets = [self.population.entry, exposure.codes, comparator.codes, self.outcome.codes]
+        if self.restrict_to is not None:
+            sets.append(self.restrict_to.codes)
         return sets + [c.codes for c in self.covariates if c.kind == "condition"]
 
     def domains(self) -> set[str]:
-        """The record domains the arms are drawn from."""
-        return {self.exposure.domain, self.comparator.domain}
+        """The record domains the arms of a one-comparison protocol are drawn from."""
+        exposure, comparator = self.arms()
+        return {exposure.domain, comparator.domain}
 
     def adjusted_analyses(self) -> list[str]:
         """The propensity-score analyses, in the order the protocol lists them."""

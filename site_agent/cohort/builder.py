@@ -14,11 +14,11 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from shared.omop import GENDER_FEMALE, RACE_ASIAN, RACE_BLACK, RACE_WHITE
-from shared.protocol.model import RACE_LEVELS, CodeSet, StudyProtocol
+from shared.protocol.model import RACE_LEVELS, CodeSet, Restriction, StudyProtocol
 from site_agent.cohort.codes import code_predicate, resolve_concepts
 
 _RACE_CONCEPTS = {"black": RACE_BLACK, "asian": RACE_ASIAN}
-COHORT_RULES_VERSION = 3  # bump when a rule changes: cached datasets are then rebuilt
+COHORT_RULES_VERSION = 4  # bump when a rule changes: cached datasets are then rebuilt
 
 
 class _Matcher:
@@ -81,11 +81,12 @@ def _candidates(
         .groupBy("person_id")
         .agg(F.min("date").alias("entry_date"))
     )
-    exposures, comparators = records[protocol.exposure.domain], records[protocol.comparator.domain]
-    is_exposure = match(protocol.exposure.codes)
+    exposure_arm, comparator_arm = protocol.arms()
+    exposures, comparators = records[exposure_arm.domain], records[comparator_arm.domain]
+    is_exposure = match(exposure_arm.codes)
     exposed = _first_date_on_or_after_entry(exposures, entry, is_exposure).withColumn("treatment", F.lit(1))
-    comparator = _first_date_on_or_after_entry(comparators, entry, match(protocol.comparator.codes))
-    if protocol.comparator.never_exposed:
+    comparator = _first_date_on_or_after_entry(comparators, entry, match(comparator_arm.codes))
+    if comparator_arm.never_exposed:
         ever_exposed = exposures.where(is_exposure).select("person_id").distinct()
         comparator = comparator.join(ever_exposed, "person_id", "left_anti")
     else:
@@ -94,13 +95,31 @@ def _candidates(
     return entry, exposed.unionByName(comparator)
 
 
-def _with_common_period_flag(candidates: DataFrame) -> DataFrame:
+def _with_common_period_flag(candidates: DataFrame, among: Column) -> DataFrame:
     """``ok_common_period``: the index date lies between the later of the arms' first and
-    the earlier of their last index dates at this site."""
-    bounds = candidates.groupBy("treatment").agg(F.min("index_date").alias("first"), F.max("index_date").alias("last"))
+    the earlier of their last index dates at this site (over the candidates ``among``
+    selects: those that passed the earlier steps)."""
+    bounds = candidates.where(among).groupBy("treatment").agg(F.min("index_date").alias("first"), F.max("index_date").alias("last"))
     common = bounds.agg(F.max("first").alias("start"), F.min("last").alias("end"), F.count(F.lit(1)).alias("arms"))
     inside = (F.col("arms") == 2) & (F.col("index_date") >= F.col("start")) & (F.col("index_date") <= F.col("end"))
     return candidates.crossJoin(common).withColumn("ok_common_period", inside).drop("start", "end", "arms")
+
+
+def _with_restriction_flag(
+    restriction: Restriction, candidates: DataFrame, conditions: DataFrame, match: _Matcher
+) -> DataFrame:
+    """``ok_restriction``: a record of the restriction's codes within its window of index."""
+    offset = F.datediff(F.col("date"), F.col("index_date"))
+    window = restriction.window
+    having = (
+        conditions.where(match(restriction.codes))
+        .join(candidates.select("person_id", "index_date"), "person_id")
+        .where((offset >= window.start_day) & (offset <= window.end_day))
+        .select("person_id", F.lit(True).alias("ok_restriction"))
+        .distinct()
+    )
+    flagged = candidates.join(having, "person_id", "left")
+    return flagged.withColumn("ok_restriction", F.coalesce(F.col("ok_restriction"), F.lit(False)))
 
 
 def _follow_up(
@@ -287,10 +306,15 @@ def build_cohort(protocol: StudyProtocol, tables: dict[str, DataFrame]) -> Cohor
         records["procedure"] = _records(tables["procedure_occurrence"], "procedure_date", "procedure_source_value",
                                         "procedure_concept_id")
     entry, candidates = _candidates(protocol, conditions, records, match)
-    rules = list(_RULES)
+    rules: list[tuple[str, str]] = []  # the optional steps first, then _RULES
+    if protocol.restrict_to is not None:
+        candidates = _with_restriction_flag(protocol.restrict_to, candidates, conditions, match)
+        rules.append(("ok_restriction", f"{protocol.restrict_to.name} recorded in the restriction window"))
     if protocol.study_population.restrict_to_common_period:
-        candidates = _with_common_period_flag(candidates)
-        rules.insert(0, ("ok_common_period", "index date in the period where both arms have index dates"))
+        among = F.col("ok_restriction") if protocol.restrict_to is not None else F.lit(True)
+        candidates = _with_common_period_flag(candidates, among)
+        rules.append(("ok_common_period", "index date in the period where both arms have index dates"))
+    rules.extend(_RULES)
     followed = _follow_up(protocol, candidates, tables, conditions, match).cache()
     attrition = _attrition(entry, followed, rules)
     eligible = followed.where(reduce(lambda a, b: a & b, [F.col(flag) for flag, _ in rules]))
