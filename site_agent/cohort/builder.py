@@ -319,7 +319,8 @@ def _arm_records(protocol: StudyProtocol, tables: dict[str, DataFrame]) -> dict[
 
     Drug ends are read only when the risk window is anchored on the cohort end.
     """
-    drug_end = _drug_exposure_end() if protocol.time_at_risk.uses_cohort_end() and "drug" in protocol.domains() else None
+    needs_drug_end = protocol.time_at_risk.uses_cohort_end() and "drug" in protocol.domains()
+    drug_end = _drug_exposure_end() if needs_drug_end else None
     records = {"drug": _records(tables["drug_exposure"], "drug_exposure_start_date", "drug_source_value",
                                 "drug_concept_id", drug_end)}
     if "procedure_occurrence" in tables:
