@@ -10,6 +10,7 @@ field), *what* (the value) and *the fix*.
      |    +-- MissingTableError one OMOP table is absent at a site
      |    +-- IngestError       an OMOP export cannot be loaded into the site's tables
      |    +-- DataQualityError  the site's tables fail a check that blocks a study
+     |    +-- UnmatchedConceptSetError  a protocol's concept set matches no record at a site
      +-- DisclosureRefused      the site's disclosure guard refused a release
      +-- InsufficientSites      too few sites answered a round
      +-- ConvergenceError       an iterative fit did not converge
@@ -19,6 +20,8 @@ field), *what* (the value) and *the fix*.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 class FedRWEError(Exception):
@@ -65,6 +68,46 @@ class DataQualityError(DataError):
     def __init__(self, message: str, report_path: str | None = None) -> None:
         super().__init__(message)
         self.report_path = report_path
+
+
+@dataclass(frozen=True)
+class UnmatchedConceptSet:
+    """One concept set that matched nothing: the protocol field, the set's name and codes
+    (as text) and the table (with the columns) that was searched."""
+
+    field: str
+    name: str
+    codes: str
+    table: str
+
+
+class UnmatchedConceptSetError(DataError):
+    """Concept sets of the protocol match no record in a site's tables.
+
+    Without this error the site's cohort would be empty (or have no outcomes at all) and the
+    study would fail later with a puzzling "no events". The cohort builder raises it without
+    a site; the dataset store raises it again with the site's id (``at_site``).
+    """
+
+    def __init__(self, unmatched: list[UnmatchedConceptSet], site_id: str | None = None) -> None:
+        self.unmatched = list(unmatched)
+        self.site_id = site_id
+        where = f"site {site_id!r}" if site_id else "this site"
+        sets = "; ".join(
+            f"`{u.field}` ({u.name}: {u.codes}) searched in {u.table}" for u in self.unmatched
+        )
+        super().__init__(
+            f"{where}: no record matches {len(self.unmatched)} concept set(s) of the protocol, so its "
+            f"cohort would be empty or without outcomes: {sets}. Fix: check how the site codes these "
+            f"records - its coding or vocabulary may differ from the protocol's (source codes are "
+            f"matched on *_source_value, standard concepts on *_concept_id) - and map its source "
+            f"codes to standard concepts (OHDSI Usagi) or to the protocol's codes; a site with truly "
+            f"none of these records cannot take part in this study."
+        )
+
+    def at_site(self, site_id: str) -> UnmatchedConceptSetError:
+        """The same error, naming the site."""
+        return UnmatchedConceptSetError(self.unmatched, site_id)
 
 
 class DisclosureRefused(FedRWEError):

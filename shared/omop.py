@@ -95,6 +95,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("drug_source_value", _STR, True),
         ("drug_source_concept_id", _I32, True),
         ("route_source_value", _STR, True),
+        ("days_supply", _I32, True),
     ),
     "death": _schema(
         ("person_id", _I64, False),
@@ -209,7 +210,6 @@ CDM_SCHEMAS: dict[str, pa.Schema] = {
         ("verbatim_end_date", _DATE, True),
         ("stop_reason", _STR, True),
         ("refills", _I32, True),
-        ("days_supply", _I32, True),
         ("sig", _STR, True),
         ("route_concept_id", _I32, True),
         ("lot_number", _STR, True),

@@ -10,7 +10,15 @@ from typing import Any
 import pyarrow as pa
 from deltalake import write_deltalake
 
-from shared.omop import GENDER_MALE, RACE_WHITE, SCHEMAS, STUDY_TABLES, TYPE_EHR, VISIT_OUTPATIENT
+from shared.omop import (
+    CDM_SCHEMAS,
+    GENDER_MALE,
+    RACE_WHITE,
+    SCHEMAS,
+    STUDY_TABLES,
+    TYPE_EHR,
+    VISIT_OUTPATIENT,
+)
 
 _EXTRA_SCHEMAS = {  # CDM 5.4 tables beyond the study subset, as the tests need them
     "procedure_occurrence": pa.schema([
@@ -22,7 +30,17 @@ _EXTRA_SCHEMAS = {  # CDM 5.4 tables beyond the study subset, as the tests need 
         ("ancestor_concept_id", pa.int32()), ("descendant_concept_id", pa.int32()),
         ("min_levels_of_separation", pa.int32()), ("max_levels_of_separation", pa.int32()),
     ]),
+    "drug_era": CDM_SCHEMAS["drug_era"],
 }
+
+
+def _schema(name: str, rows: list[dict[str, Any]]) -> pa.Schema:
+    """The table's schema; a required column left empty in some row becomes nullable, as a
+    site's own ETL (not fedrwe's ingest, which refuses it) may write it."""
+    schema = SCHEMAS.get(name) or _EXTRA_SCHEMAS[name]
+    return pa.schema([
+        f.with_nullable(True) if any(row.get(f.name) is None for row in rows) else f for f in schema
+    ])
 
 
 def d(text: str) -> dt.date:
@@ -55,11 +73,23 @@ class OmopBuilder:
             "condition_type_concept_id": TYPE_EHR, "condition_source_value": code,
         })
 
-    def drug(self, person_id: int, code: str, date: str, concept: int = 0) -> None:
+    def drug(self, person_id: int, code: str, date: str, concept: int = 0, end: str | None = None) -> None:
+        """A drug exposure from ``date`` to ``end`` (default: the same day)."""
         self.rows["drug_exposure"].append({
             "drug_exposure_id": next(self._ids), "person_id": person_id, "drug_concept_id": concept,
-            "drug_exposure_start_date": d(date), "drug_exposure_end_date": d(date),
+            "drug_exposure_start_date": d(date), "drug_exposure_end_date": d(end or date),
             "drug_type_concept_id": TYPE_EHR, "drug_source_value": code,
+        })
+
+    def drug_without_end(self, person_id: int, code: str, date: str, days_supply: int | None) -> None:
+        """A drug exposure whose end date is empty, with or without its days of supply."""
+        self.drug(person_id, code, date)
+        self.rows["drug_exposure"][-1].update(drug_exposure_end_date=None, days_supply=days_supply)
+
+    def drug_era(self, person_id: int, concept: int, start: str, end: str) -> None:
+        self.rows.setdefault("drug_era", []).append({
+            "drug_era_id": next(self._ids), "person_id": person_id, "drug_concept_id": concept,
+            "drug_era_start_date": d(start), "drug_era_end_date": d(end),
         })
 
     def visit(self, person_id: int, date: str, concept: int = VISIT_OUTPATIENT) -> None:
@@ -88,6 +118,6 @@ class OmopBuilder:
         for name, rows in self.rows.items():
             if name in skip:
                 continue
-            schema = SCHEMAS.get(name) or _EXTRA_SCHEMAS[name]
+            schema = _schema(name, rows)
             columns = {f.name: [row.get(f.name) for row in rows] for f in schema}
             write_deltalake(str(lake / name), pa.table(columns, schema=schema), mode="overwrite")

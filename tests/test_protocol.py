@@ -37,7 +37,24 @@ def test_the_reference_study_loads_with_stable_hash_and_columns() -> None:
         (lambda d: d["exposure"]["codes"].update(vocabulary="SNOMEDX"), r"exposure.codes.vocabulary"),
         (lambda d: d["exposure"]["codes"].update(include=["F14 .*"]), r"not a source code or a prefix"),
         (lambda d: d.update(time_at_risk={"start_day": 30, "end_day": 1}), r"end_day 1 is before start_day 30"),
-        (lambda d: d.update(time_at_risk={"start_day": 0, "end_day": 365}), r"start_day must be 1"),
+        (lambda d: d.update(time_at_risk={"start_day": -1, "end_day": 365}), r"field `time_at_risk.start_day`"),
+        (lambda d: d["time_at_risk"].update(start_anchor="index"), r"field `time_at_risk.start_anchor`.*'index'"),
+        (lambda d: d["time_at_risk"].update(end_anchor="cohort end"), r"field `time_at_risk.end_anchor`.*'cohort end'"),
+        (lambda d: d.update(time_at_risk={"start_day": 30, "end_day": 0, "start_anchor": "cohort_end",
+                                          "end_anchor": "cohort_end"}), r"end_day 0 is before start_day 30"),
+        (lambda d: d.update(time_at_risk={"start_day": 1, "end_day": 0, "end_anchor": "cohort_end"},
+                            risk_horizon_days=None), r"follow-up length varies .* set risk_horizon_days"),
+        (lambda d: d.update(time_at_risk={"start_day": 30, "end_day": 365}),
+         r"risk_horizon_days 365 is beyond the longest follow-up, 336 days .* at most 336"),
+        (lambda d: d.update(time_at_risk={"start_day": 30, "end_day": 365}, risk_horizon_days=None,
+                            ph_check_cut_days=[90, 336]), r"ph_check_cut_days \[90, 336\] .* lie in 1..335"),
+        (lambda d: d.update(study_population={"censor_at_death": "sometimes"}),
+         r"field `study_population.censor_at_death`.*'sometimes'"),
+        (lambda d: d["exposure"].update(domain="drug_era"),
+         r"field `exposure`: .*drug_era .* `codes.include` \['6130'\] can never match. Fix: .*`codes.concept_ids`"),
+        (lambda d: d["comparator"].update(domain="drug_era", codes={"vocabulary": "RxNorm", "include": ["8782"],
+                                                                     "concept_ids": [753626]}),
+         r"field `comparator`: .*drug_era .*`codes.include` \['8782'\]"),
         (lambda d: d["covariates"].append({"name": "time", "kind": "visit_count", "visit_concept_ids": [1]}), r"reserved"),
         (lambda d: d["covariates"].append({"name": "sex2", "kind": "sex"}), r"repeated columns \['sex_female'\]"),
         (lambda d: d.update(analyses=["matched_magic"]), r"field `analyses.0`"),
@@ -65,6 +82,34 @@ def test_a_concept_set_may_use_standard_concepts_with_descendants() -> None:
     protocol = parse_protocol(data, "test.yaml")
     assert protocol.exposure.codes.uses_descendants()
     assert protocol.domains() == {"procedure", "drug"}
+
+
+def test_time_at_risk_defaults_keep_the_reference_study_and_anchors_set_the_follow_up() -> None:
+    reference_study = parse_protocol(reference(), "test.yaml")
+    assert reference_study.time_at_risk.start_anchor == reference_study.time_at_risk.end_anchor == "cohort_start"
+    assert reference_study.study_population.censor_at_death
+    assert (reference_study.horizon_days(), reference_study.cut_days()) == (365, [90, 180])
+    data = reference()
+    data.pop("risk_horizon_days")
+    data.pop("ph_check_cut_days")
+    data["time_at_risk"] = {"start_day": 0, "end_day": 29}  # index day to day 29: 30 days
+    fixed = parse_protocol(data, "test.yaml")
+    assert (fixed.horizon_days(), fixed.cut_days()) == (30, [10, 20])  # thirds of 30
+    data["time_at_risk"] = {"start_day": 1, "end_day": 30, "end_anchor": "cohort_end"}
+    data["risk_horizon_days"] = 90  # the length varies per person: the horizon is given
+    varying = parse_protocol(data, "test.yaml")
+    assert varying.time_at_risk.longest_follow_up() is None
+    assert varying.time_at_risk.uses_cohort_end()
+    assert (varying.horizon_days(), varying.cut_days()) == (90, [30, 60])  # thirds of the horizon
+    data["time_at_risk"] = {"start_day": 30, "end_day": 0, "end_anchor": "cohort_end"}  # exposures of 30+ days
+    assert parse_protocol(data, "test.yaml").time_at_risk.end_day == 0
+
+
+def test_drug_era_arms_take_concept_ids() -> None:
+    data = reference()
+    data["exposure"].update(domain="drug_era", codes={"concept_ids": [4300000], "include_descendants": True})
+    protocol = parse_protocol(data, "test.yaml")
+    assert protocol.domains() == {"drug_era", "drug"}
 
 
 def test_unreadable_files_are_clear(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ from coordinator.results import build_results, write_results
 from flows.study import decode_replies
 from shared.protocol.model import CodeSet, StudyProtocol, load_protocol
 from site_agent.agent import SiteAgent
+from site_agent.cohort.store import DatasetStore
+from site_agent.data.delta import DeltaBackend, OmopTables
 from site_agent.ingest import IngestResult, IngestSettings, ingest_omop
 from site_agent.settings import DisclosurePolicy, SiteSettings
 from tests.inprocess import InProcessTransport
@@ -53,7 +55,7 @@ MIMIC_SITES = {
     "cvicu": (-4595469263819475121, 11),
 }
 STEPS = ("entry", "arm", "washout", "age", "no_prior_outcome", "time_at_risk")
-PERSON_TABLES = ("person", "observation_period", "condition_occurrence", "drug_exposure", "death")
+PERSON_TABLES = ("person", "observation_period", "condition_occurrence", "drug_exposure", "drug_era", "death")
 
 
 # --- the independent reading of the CSV files ------------------------------------------
@@ -101,6 +103,18 @@ def dated(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     return frame.assign(date=pd.to_datetime(frame[column]))
 
 
+def arm_records(tables: dict[str, pd.DataFrame], domain: str) -> pd.DataFrame:
+    """date, end, source value and concept of the arms' records (drug_era has no source value).
+    Both samples fill every drug end date, so the days_supply fallback never applies."""
+    if domain == "drug_era":
+        eras = dated(tables["drug_era"], "drug_era_start_date")
+        return eras.assign(end=pd.to_datetime(eras.drug_era_end_date), source="", concept=eras.drug_concept_id)
+    drugs = dated(tables["drug_exposure"], "drug_exposure_start_date")
+    assert (drugs.drug_exposure_end_date != "").all()
+    return drugs.assign(end=pd.to_datetime(drugs.drug_exposure_end_date), source=drugs.drug_source_value,
+                        concept=drugs.drug_concept_id)
+
+
 @dataclass
 class Expected:
     """One site's cohort by pandas: (persons, exposed, comparator) per step, and its rows."""
@@ -111,7 +125,7 @@ class Expected:
 
 def expected_cohort(protocol: StudyProtocol, tables: dict[str, pd.DataFrame]) -> Expected:
     """Rules 1-7 of docs/cohort_rules.md, plus the age and sex covariates of rule 8."""
-    assert protocol.domains() == {"drug"}
+    (domain,) = protocol.domains()  # both arms from one table
     population = protocol.study_population
     assert population.prior_outcome_lookback_days is None
     assert not population.restrict_to_common_period
@@ -121,15 +135,25 @@ def expected_cohort(protocol: StudyProtocol, tables: dict[str, pd.DataFrame]) ->
         return matches(codes, conditions.condition_source_value, conditions.condition_concept_id)
 
     entry = conditions[is_condition(protocol.population.entry)].groupby("person_id").date.min()
-    drugs = dated(tables["drug_exposure"], "drug_exposure_start_date")
+    drugs = arm_records(tables, domain)
     after_entry = drugs.date >= drugs.person_id.map(entry)
-    is_exposure = matches(protocol.exposure.codes, drugs.drug_source_value, drugs.drug_concept_id)
-    exposed = drugs[is_exposure & after_entry].groupby("person_id").date.min()
-    comparator = drugs[matches(protocol.comparator.codes, drugs.drug_source_value, drugs.drug_concept_id) & after_entry]
+
+    def first(records: pd.DataFrame) -> pd.DataFrame:
+        """index_date, and cohort_end: the latest end among the records on the index date."""
+        on_index = records[records.date == records.groupby("person_id").date.transform("min")]
+        return on_index.groupby("person_id").agg(index_date=("date", "min"), cohort_end=("end", "max"))
+
+    is_exposure = matches(protocol.exposure.codes, drugs.source, drugs.concept)
+    exposed = first(drugs[is_exposure & after_entry])
+    comparator = drugs[matches(protocol.comparator.codes, drugs.source, drugs.concept) & after_entry]
     ruled_out = drugs.person_id[is_exposure] if protocol.comparator.never_exposed else exposed.index
-    comparator = comparator[~comparator.person_id.isin(ruled_out)].groupby("person_id").date.min()
-    cohort = pd.concat([exposed.to_frame("index_date").assign(treatment=1),
-                        comparator.to_frame("index_date").assign(treatment=0)])
+    comparator = first(comparator[~comparator.person_id.isin(ruled_out)])
+    cohort = pd.concat([exposed.assign(treatment=1), comparator.assign(treatment=0)])
+    cohort["cohort_end"] = cohort[["cohort_end", "index_date"]].max(axis=1)  # an end before the start
+    tar = protocol.time_at_risk
+    days_to_end = (cohort.cohort_end - cohort.index_date).dt.days
+    cohort["risk_start"] = tar.start_day + (days_to_end if tar.start_anchor == "cohort_end" else 0)
+    cohort["risk_end"] = tar.end_day + (days_to_end if tar.end_anchor == "cohort_end" else 0)
     attrition: dict[str, tuple[int, int | None, int | None]] = {"entry": (len(entry), None, None)}
 
     def keep(step: str, passed: pd.Series) -> None:
@@ -149,24 +173,26 @@ def expected_cohort(protocol: StudyProtocol, tables: dict[str, pd.DataFrame]) ->
         sex_female=(cohort.index.map(person.gender_concept_id) == "8532").astype(int),  # female
     )
     keep("age", cohort.age >= protocol.population.min_age)
-    outcomes = conditions[is_condition(protocol.outcome.codes)].join(cohort.index_date, on="person_id", how="inner")
-    prior = outcomes.person_id[outcomes.date < outcomes.index_date]
+    outcomes = conditions[is_condition(protocol.outcome.codes)].join(
+        cohort[["index_date", "risk_start"]], on="person_id", how="inner")
+    day = (outcomes.date - outcomes.index_date).dt.days
+    prior = outcomes.person_id[(outcomes.date < outcomes.index_date) | ((day >= 1) & (day < outcomes.risk_start))]
     keep("no_prior_outcome", pd.Series(not protocol.outcome.exclude_prior, index=cohort.index) | ~cohort.index.isin(prior))
     deaths = pd.to_datetime(tables["death"].death_date).groupby(tables["death"].person_id).min()
     death_date = pd.to_datetime(pd.Series(cohort.index.map(deaths), index=cohort.index))
-    tar = protocol.time_at_risk
     censor = pd.concat([
-        pd.Series(float(tar.end_day), index=cohort.index),
+        cohort.risk_end.astype(float),
         (cohort.obs_end - cohort.index_date).dt.days,
-        (death_date - cohort.index_date).dt.days,
+        (death_date - cohort.index_date).dt.days if population.censor_at_death else cohort.risk_end,
     ], axis=1).min(axis=1)
     cohort = cohort.assign(censor=censor)
-    keep("time_at_risk", cohort.censor >= tar.start_day + population.min_days_at_risk - 1)
-    day = (outcomes.date - outcomes.index_date).dt.days
-    first = day[day >= tar.start_day].groupby(outcomes.person_id[day >= tar.start_day]).min()
-    outcome_day = pd.Series(cohort.index.map(first), index=cohort.index, dtype=float)
+    keep("time_at_risk", cohort.censor - cohort.risk_start + 1 >= population.min_days_at_risk)
+    at_risk = day >= outcomes.risk_start
+    first_day = day[at_risk].groupby(outcomes.person_id[at_risk]).min()
+    outcome_day = pd.Series(cohort.index.map(first_day), index=cohort.index, dtype=float)
     event = outcome_day.notna() & (outcome_day <= cohort.censor)
-    rows = cohort.assign(event=event.astype(int), time=outcome_day.where(event, cohort.censor).astype(int))
+    time = outcome_day.where(event, cohort.censor) - cohort.risk_start + 1
+    rows = cohort.assign(event=event.astype(int), time=time.astype(int))
     columns = ["person_id", "treatment", "time", "event", "age", "sex_female"]
     return Expected(attrition, rows.rename_axis("person_id").reset_index()[columns])
 
@@ -320,9 +346,9 @@ def test_results_json_holds_each_sites_attrition_and_no_nan(sample: SampleStudy,
 
 
 def test_mimic_crude_is_the_named_error_of_an_arm_without_events(mimic: SampleStudy) -> None:
-    """One hyperkalemia event, in the exposed arm (site emergency): no finite HR, and it says so."""
+    """One event, in the exposed arm (site emergency): no finite HR, and it says so."""
     crude = mimic.plan.analyses()["crude"]
-    assert (crude["n_exposed"], crude["n_comparator"], crude["events_exposed"], crude["events_comparator"]) == (5, 5, 1, 0)
+    assert (crude["n_exposed"], crude["n_comparator"], crude["events_exposed"], crude["events_comparator"]) == (3, 5, 1, 0)
     assert "hr" not in crude
     assert crude["error"].startswith("no finite hazard ratio: the comparator arm has no events at any site.")
     assert [r["round"] for r in mimic.rounds] == ["1-summary"]  # nothing left to iterate
@@ -338,3 +364,31 @@ def test_synthea_crude_and_propensity_equal_statsmodels_on_the_pandas_rows(synth
     assert propensity is not None
     assert list(propensity["coefficients"]) == ["(intercept)", "age", "sex_female"]
     assert_propensity_equals_pooled(propensity, rows)
+
+
+def test_mimic_drug_era_arms_at_risk_to_the_era_end_equal_pandas(
+    mimic: SampleStudy, spark: SparkSession, tmp_path: Path
+) -> None:
+    """The MIMIC-IV demo's drug_era (by ingredient) as the arms, at risk from the day after
+    index to the end of the index era: each site's cohort as pandas reads the CSV files."""
+    data = mimic.protocol.model_dump(mode="json")
+    data["exposure"] = {"name": "lisinopril or losartan", "domain": "drug_era",
+                        "codes": {"concept_ids": [1308216, 1367500]}}  # RxNorm ingredients
+    data["comparator"] = {"name": "amlodipine", "domain": "drug_era", "codes": {"concept_ids": [1332418]}}
+    data["time_at_risk"] = {"start_day": 1, "end_day": 0, "end_anchor": "cohort_end"}
+    data["risk_horizon_days"] = 30
+    protocol = StudyProtocol.model_validate(data)
+    home = home_care_sites(MIMIC)
+    kept = 0
+    for site, (care_site_id, _) in MIMIC_SITES.items():
+        backend = DeltaBackend(spark, site)
+        store = DatasetStore(backend, OmopTables(backend, Path(mimic.ingests[site].lake), site), tmp_path / site, site)
+        dataset = store.get(protocol)
+        expected = expected_cohort(protocol, person_tables(MIMIC, home.index[home == care_site_id]))
+        assert {s.step: (s.n_persons, s.n_exposed, s.n_comparator) for s in dataset.attrition} == expected.attrition
+        columns = list(expected.rows.columns)
+        actual = dataset.frame.toPandas()[columns].astype(float).sort_values("person_id", ignore_index=True)
+        wanted = expected.rows.astype(float).sort_values("person_id", ignore_index=True)
+        pd.testing.assert_frame_equal(actual, wanted, check_dtype=False, obj=site)
+        kept += len(wanted)
+    assert kept > 0  # with a window ending on day 0 after index, nobody would be at risk

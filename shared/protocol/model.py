@@ -88,7 +88,18 @@ class Population(_Strict):
     min_age: int = Field(default=18, ge=0, le=120, description="Minimum age in years at index.")
 
 
-Domain = Literal["drug", "procedure"]
+Domain = Literal["drug", "procedure", "drug_era"]
+_DOMAIN_DESCRIPTION = "drug_exposure, procedure_occurrence or drug_era records."
+
+
+def _era_codes_are_concepts(domain: str, codes: CodeSet) -> None:
+    """drug_era has no source values: source codes on it would silently match nothing."""
+    if domain == "drug_era" and codes.include:
+        raise ValueError(
+            f"domain drug_era reads the drug_era table, which has no source values, so `codes.include` "
+            f"{codes.include} can never match. Fix: list the drugs' RxNorm ingredient concepts in "
+            f"`codes.concept_ids` (drug eras are recorded by ingredient) and remove `include`"
+        )
 
 
 class Exposure(_Strict):
@@ -96,7 +107,12 @@ class Exposure(_Strict):
 
     name: str = Field(min_length=1)
     codes: CodeSet
-    domain: Domain = Field(default="drug", description="drug_exposure or procedure_occurrence records.")
+    domain: Domain = Field(default="drug", description=_DOMAIN_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _codes_fit_domain(self) -> Exposure:
+        _era_codes_are_concepts(self.domain, self.codes)
+        return self
 
 
 class Comparator(_Strict):
@@ -104,10 +120,15 @@ class Comparator(_Strict):
 
     name: str = Field(min_length=1)
     codes: CodeSet
-    domain: Domain = Field(default="drug", description="drug_exposure or procedure_occurrence records.")
+    domain: Domain = Field(default="drug", description=_DOMAIN_DESCRIPTION)
     never_exposed: bool = Field(
         default=True, description="Comparator patients never received the exposure drug."
     )
+
+    @model_validator(mode="after")
+    def _codes_fit_domain(self) -> Comparator:
+        _era_codes_are_concepts(self.domain, self.codes)
+        return self
 
 
 class Outcome(_Strict):
@@ -135,6 +156,44 @@ class DayWindow(_Strict):
         if self.end_day < self.start_day:
             raise ValueError(f"end_day {self.end_day} is before start_day {self.start_day}")
         return self
+
+
+Anchor = Literal["cohort_start", "cohort_end"]
+
+
+class TimeAtRisk(_Strict):
+    """The risk window (CohortMethod's riskWindowStart/startAnchor, riskWindowEnd/endAnchor).
+
+    Each end is a number of days after its anchor: ``cohort_start`` is the index date,
+    ``cohort_end`` the end of the index exposure record (docs/cohort_rules.md). Both ends
+    are inclusive; follow-up time is counted from the window's start (its first day is 1).
+    """
+
+    start_day: int = Field(ge=0, le=36_500, description="First day at risk, in days after `start_anchor`.")
+    end_day: int = Field(ge=0, le=36_500, description="Last day at risk, in days after `end_anchor`.")
+    start_anchor: Anchor = Field(
+        default="cohort_start", description="What `start_day` counts from: cohort_start (index) or cohort_end.",
+    )
+    end_anchor: Anchor = Field(
+        default="cohort_start", description="What `end_day` counts from: cohort_start (index) or cohort_end.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TimeAtRisk:
+        if self.end_day < self.start_day and self.longest_follow_up() is not None:
+            raise ValueError(f"end_day {self.end_day} is before start_day {self.start_day}")
+        return self
+
+    def uses_cohort_end(self) -> bool:
+        """True when a window end is anchored on the end of the index exposure."""
+        return "cohort_end" in (self.start_anchor, self.end_anchor)
+
+    def longest_follow_up(self) -> int | None:
+        """The most days at risk anyone can have, or None when the window starts at cohort
+        start and ends at cohort end: its length then grows with the exposure's."""
+        if self.start_anchor == "cohort_start" and self.end_anchor == "cohort_end":
+            return None
+        return self.end_day - self.start_day + 1
 
 
 _COVARIATE_NAME = r"^[a-z][a-z0-9_]{0,62}$"
@@ -195,6 +254,9 @@ class StudyPopulation(_Strict):
     restrict_to_common_period: bool = Field(
         default=False,
         description="Keep only index dates within the period where both arms have index dates (per site).",
+    )
+    censor_at_death: bool = Field(
+        default=True, description="End follow-up at death (the end of observation always ends it).",
     )
 
 
@@ -264,7 +326,7 @@ class StudyProtocol(_Strict):
     restrict_to: Restriction | None = Field(default=None, description="Keep only persons with this condition.")
     index: IndexRule = IndexRule()
     washout_days: int = Field(default=365, ge=0, le=3650)
-    time_at_risk: DayWindow = Field(description="Days after index at risk, e.g. 1..365.")
+    time_at_risk: TimeAtRisk = Field(description="Days at risk after index (or after the exposure's end), e.g. 1..365.")
     covariate_window: DayWindow = Field(description="Days before index where covariates are measured.")
     study_population: StudyPopulation = StudyPopulation()
     covariates: list[Covariate] = Field(default_factory=list)
@@ -273,7 +335,7 @@ class StudyProtocol(_Strict):
     weighting: Weighting = Weighting()
     risk_horizon_days: int | None = Field(
         default=None, ge=1, le=36_500,
-        description="Day at which risks are read off the Kaplan-Meier curves (default: end of time at risk).",
+        description="Day of follow-up at which risks are read off the Kaplan-Meier curves (default: the last).",
     )
     ph_check_cut_days: list[int] | None = Field(
         default=None, description="Days splitting follow-up into windows for the PH check (default: thirds).",
@@ -293,11 +355,6 @@ class StudyProtocol(_Strict):
         reserved = sorted(set(columns) & RESERVED_COLUMNS)
         if reserved:
             raise ValueError(f"covariate names {reserved} are reserved for the analysis dataset")
-        if self.time_at_risk.start_day != 1:
-            raise ValueError(
-                "time_at_risk.start_day must be 1 in this version (follow-up starts the day "
-                "after index; other starts need delayed entry, not supported yet)"
-            )
         if self.covariate_window.end_day >= 0:
             raise ValueError("covariate_window.end_day must be < 0 (covariates precede index)")
         adjusted = sorted(set(self.analyses) & set(ADJUSTED_ANALYSES))
@@ -307,11 +364,7 @@ class StudyProtocol(_Strict):
             raise ValueError(f"analyses {adjusted} need covariates for the propensity model; add some")
         if len(set(self.analyses)) != len(self.analyses):
             raise ValueError(f"analyses {self.analyses} repeat a name; list each once")
-        cuts = self.cut_days()
-        if cuts != sorted(set(cuts)) or any(not 1 <= c < self.time_at_risk.end_day for c in cuts):
-            raise ValueError(
-                f"ph_check_cut_days {cuts} must increase strictly and lie in 1..{self.time_at_risk.end_day - 1}"
-            )
+        self._follow_up_days_fit()
         return self
 
     def _check_comparisons(self) -> None:
@@ -377,6 +430,26 @@ class StudyProtocol(_Strict):
             )
         return self.exposure, self.comparator
 
+    def _follow_up_days_fit(self) -> None:
+        """risk_horizon_days and ph_check_cut_days are days of follow-up: within the longest."""
+        longest = self.time_at_risk.longest_follow_up()
+        if longest is None and self.risk_horizon_days is None:
+            raise ValueError(
+                "time_at_risk starts at cohort_start and ends at cohort_end, so the follow-up length "
+                "varies with each exposure's: set risk_horizon_days (the day of follow-up at which "
+                "risks are read, e.g. 365)"
+            )
+        if longest is not None and self.risk_horizon_days is not None and self.risk_horizon_days > longest:
+            raise ValueError(
+                f"risk_horizon_days {self.risk_horizon_days} is beyond the longest follow-up, {longest} "
+                f"days (time_at_risk day {self.time_at_risk.start_day}..{self.time_at_risk.end_day}); "
+                f"set it to at most {longest}"
+            )
+        cuts = self.cut_days()
+        last = 36_500 if longest is None else longest - 1
+        if cuts != sorted(set(cuts)) or any(not 1 <= c <= last for c in cuts):
+            raise ValueError(f"ph_check_cut_days {cuts} must increase strictly and lie in 1..{last}")
+
     def code_sets(self) -> list[CodeSet]:
         """Every concept set of a one-comparison protocol (entry, arms, outcome, restriction,
         condition covariates)."""
@@ -396,14 +469,20 @@ class StudyProtocol(_Strict):
         return [name for name in self.analyses if name in ADJUSTED_ANALYSES]
 
     def horizon_days(self) -> int:
-        """The day risks are read at."""
-        return self.risk_horizon_days or self.time_at_risk.end_day
+        """The day of follow-up risks are read at (default: the longest follow-up)."""
+        if self.risk_horizon_days is not None:
+            return self.risk_horizon_days
+        longest = self.time_at_risk.longest_follow_up()
+        if longest is None:  # the validator asks for risk_horizon_days then
+            raise ValueError("risk_horizon_days is needed when the follow-up length varies per person")
+        return longest
 
     def cut_days(self) -> list[int]:
-        """Days splitting follow-up into windows for the proportional-hazards check."""
+        """Days of follow-up splitting it into windows for the proportional-hazards check
+        (default: thirds of the longest follow-up, or of the horizon when the length varies)."""
         if self.ph_check_cut_days is not None:
             return list(self.ph_check_cut_days)
-        end = self.time_at_risk.end_day
+        end = self.time_at_risk.longest_follow_up() or self.horizon_days()
         return sorted({max(1, round(end / 3)), max(1, round(2 * end / 3))} - {end}) if end > 2 else []
 
     def covariate_columns(self) -> list[str]:

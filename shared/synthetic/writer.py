@@ -211,6 +211,7 @@ def drug_table(ids: Ints, drugs: Records, visit_id: Ints) -> pa.Table:
             "drug_source_value": _SOURCE_VALUES.take(pa.array(code)),
             "drug_source_concept_id": concepts,
             "route_source_value": _ROUTES.take(pa.array(code)),
+            "days_supply": _int32(drugs.end_day[order] - drugs.day[order] + 1, n),
         },
         schema=omop.SCHEMAS["drug_exposure"],
     )

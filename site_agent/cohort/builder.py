@@ -13,12 +13,14 @@ from functools import reduce
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from shared.errors import UnmatchedConceptSetError
 from shared.omop import GENDER_FEMALE, RACE_ASIAN, RACE_BLACK, RACE_WHITE
 from shared.protocol.model import RACE_LEVELS, CodeSet, Restriction, StudyProtocol
 from site_agent.cohort.codes import code_predicate, resolve_concepts
+from site_agent.cohort.coverage import unmatched_concept_sets
 
 _RACE_CONCEPTS = {"black": RACE_BLACK, "asian": RACE_ASIAN}
-COHORT_RULES_VERSION = 4  # bump when a rule changes: cached datasets are then rebuilt
+COHORT_RULES_VERSION = 5  # bump when a rule changes: cached datasets are then rebuilt
 
 
 class _Matcher:
@@ -63,12 +65,15 @@ class Cohort:
 
 
 def _first_date_on_or_after_entry(records: DataFrame, entry: DataFrame, arm: Column) -> DataFrame:
+    """``index_date``, the first arm record on or after entry, and ``cohort_end``, its end
+    (the latest end among the arm's records starting on the index date)."""
+    longest_first = F.struct(F.col("date"), F.datediff(F.col("date"), F.col("end")))
     return (
         records.where(arm)
         .join(entry, "person_id")
         .where(F.col("date") >= F.col("entry_date"))
         .groupBy("person_id")
-        .agg(F.min("date").alias("index_date"))
+        .agg(F.min("date").alias("index_date"), F.min_by("end", longest_first).alias("cohort_end"))
     )
 
 
@@ -129,8 +134,13 @@ def _follow_up(
     conditions: DataFrame,
     match: _Matcher,
 ) -> DataFrame:
-    """Rules 3-7: washout, age, prior outcome, time at risk and the outcome, as flags."""
+    """Rules 3-7: washout, age, prior outcome, time at risk and the outcome, as flags.
+
+    ``risk_start`` and ``risk_end`` are the risk window's days after index; ``time`` counts
+    follow-up days from ``risk_start`` (day ``risk_start`` is 1), as CohortMethod does.
+    """
     index = F.col("index_date")
+    candidates = _with_risk_window(protocol, candidates)
     periods = (
         tables["observation_period"]
         .select(
@@ -147,27 +157,26 @@ def _follow_up(
     person = tables["person"].select("person_id", "year_of_birth", "gender_concept_id", "race_concept_id")
     lookback = protocol.study_population.prior_outcome_lookback_days
     in_lookback = F.lit(True) if lookback is None else F.datediff(index, F.col("date")) <= lookback
+    day = F.datediff(F.col("date"), index)
+    # Before index (within the lookback), or after the index day but before the risk window.
+    prior = ((F.col("date") < index) & in_lookback) | ((day >= 1) & (day < F.col("risk_start")))
     outcomes = (
         conditions.where(match(protocol.outcome.codes))
-        .join(candidates.select("person_id", "index_date"), "person_id")
+        .join(candidates.select("person_id", "index_date", "risk_start"), "person_id")
         .groupBy("person_id")
         .agg(
-            F.max(F.when((F.col("date") < index) & in_lookback, 1).otherwise(0)).alias("prior_outcome"),
-            F.min(
-                F.when(
-                    F.datediff(F.col("date"), index) >= protocol.time_at_risk.start_day,
-                    F.datediff(F.col("date"), index),
-                )
-            ).alias("outcome_day"),
+            F.max(F.when(prior, 1).otherwise(0)).alias("prior_outcome"),
+            F.min(F.when(day >= F.col("risk_start"), day)).alias("outcome_day"),
         )
     )
-    tar = protocol.time_at_risk
-    at_least = tar.start_day + protocol.study_population.min_days_at_risk - 1  # last day at risk needed
+    risk_start, risk_end = F.col("risk_start"), F.col("risk_end")
     censor_day = F.least(
-        F.lit(tar.end_day),
+        risk_end,
         F.datediff(F.col("obs_end"), index),
-        F.coalesce(F.datediff(F.col("death_date"), index), F.lit(tar.end_day)),
+        F.coalesce(F.datediff(F.col("death_date"), index), risk_end)
+        if protocol.study_population.censor_at_death else risk_end,
     )
+    days_at_risk = F.col("censor_day") - risk_start + 1
     frame = (
         candidates.join(person, "person_id", "left")
         .join(periods, "person_id", "left")
@@ -187,11 +196,28 @@ def _follow_up(
             F.lit(True) if not protocol.outcome.exclude_prior
             else F.coalesce(F.col("prior_outcome"), F.lit(0)) == 0,
         )
-        .withColumn("ok_time_at_risk", F.coalesce(F.col("censor_day") >= at_least, F.lit(False)))
+        .withColumn(
+            "ok_time_at_risk",
+            F.coalesce(days_at_risk >= protocol.study_population.min_days_at_risk, F.lit(False)),
+        )
     )
     has_event = F.col("outcome_day").isNotNull() & (F.col("outcome_day") <= F.col("censor_day"))
     return frame.withColumn("event", F.when(has_event, 1).otherwise(0)).withColumn(
-        "time", F.when(has_event, F.col("outcome_day")).otherwise(F.col("censor_day"))
+        "time", F.when(has_event, F.col("outcome_day")).otherwise(F.col("censor_day")) - risk_start + 1
+    )
+
+
+def _with_risk_window(protocol: StudyProtocol, candidates: DataFrame) -> DataFrame:
+    """``risk_start`` and ``risk_end``: the risk window's ends in days after index, each
+    ``time_at_risk`` day counted from its anchor (the index date or ``cohort_end``)."""
+    tar = protocol.time_at_risk
+    days_to_cohort_end = F.datediff(F.col("cohort_end"), F.col("index_date"))
+
+    def after(anchor: str, day: int) -> Column:
+        return F.lit(day) + days_to_cohort_end if anchor == "cohort_end" else F.lit(day)
+
+    return candidates.withColumn("risk_start", after(tar.start_anchor, tar.start_day)).withColumn(
+        "risk_end", after(tar.end_anchor, tar.end_day)
     )
 
 
@@ -285,11 +311,44 @@ def _with_covariates(
     return frame.select(*columns)
 
 
-def _records(table: DataFrame, date: str, code: str, concept: str) -> DataFrame:
-    """A clinical table as ``person_id, date, code, concept_id`` records."""
+def _records(table: DataFrame, date: str, code: str | None, concept: str, end: Column | None = None) -> DataFrame:
+    """A clinical table as ``person_id, date, code, concept_id, end`` records.
+
+    ``code`` is null for a table without source values (drug_era); ``end`` is the record's
+    end date (default: its date), the cohort end when the record is an index exposure.
+    """
     return table.select(
-        "person_id", F.col(date).alias("date"), F.col(code).alias("code"), F.col(concept).alias("concept_id")
+        "person_id", F.col(date).alias("date"),
+        (F.col(code) if code is not None else F.lit(None).cast("string")).alias("code"),
+        F.col(concept).alias("concept_id"),
+        (F.col(date) if end is None else end).alias("end"),
     )
+
+
+def _drug_exposure_end() -> Column:
+    """A drug exposure's end: drug_exposure_end_date; if null, start + days_supply - 1; if
+    that is null too, the start. An end before the start counts as the start."""
+    start = F.col("drug_exposure_start_date")
+    supplied = F.date_add(start, F.col("days_supply") - 1)
+    return F.greatest(start, F.coalesce(F.col("drug_exposure_end_date"), supplied))
+
+
+def _arm_records(protocol: StudyProtocol, tables: dict[str, DataFrame]) -> dict[str, DataFrame]:
+    """Records by arm domain: drugs always, procedures and drug eras when the tables are read.
+
+    Drug ends are read only when the risk window is anchored on the cohort end.
+    """
+    needs_drug_end = protocol.time_at_risk.uses_cohort_end() and "drug" in protocol.domains()
+    drug_end = _drug_exposure_end() if needs_drug_end else None
+    records = {"drug": _records(tables["drug_exposure"], "drug_exposure_start_date", "drug_source_value",
+                                "drug_concept_id", drug_end)}
+    if "procedure_occurrence" in tables:
+        records["procedure"] = _records(tables["procedure_occurrence"], "procedure_date", "procedure_source_value",
+                                        "procedure_concept_id")
+    if "drug_era" in tables:
+        era_end = F.greatest(F.col("drug_era_start_date"), F.col("drug_era_end_date"))
+        records["drug_era"] = _records(tables["drug_era"], "drug_era_start_date", None, "drug_concept_id", era_end)
+    return records
 
 
 def build_cohort(protocol: StudyProtocol, tables: dict[str, DataFrame]) -> Cohort:
@@ -300,11 +359,10 @@ def build_cohort(protocol: StudyProtocol, tables: dict[str, DataFrame]) -> Cohor
     match = _Matcher(tables.get("concept_ancestor"))
     conditions = _records(tables["condition_occurrence"], "condition_start_date", "condition_source_value",
                           "condition_concept_id")
-    records = {"drug": _records(tables["drug_exposure"], "drug_exposure_start_date", "drug_source_value",
-                                "drug_concept_id")}
-    if "procedure_occurrence" in tables:
-        records["procedure"] = _records(tables["procedure_occurrence"], "procedure_date", "procedure_source_value",
-                                        "procedure_concept_id")
+    records = _arm_records(protocol, tables)
+    unmatched = unmatched_concept_sets(protocol, conditions, records, match)
+    if unmatched:
+        raise UnmatchedConceptSetError(unmatched)
     entry, candidates = _candidates(protocol, conditions, records, match)
     rules: list[tuple[str, str]] = []  # the optional steps first, then _RULES
     if protocol.restrict_to is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from shared.errors import MissingTableError
+from shared.errors import MissingTableError, UnmatchedConceptSetError
 from shared.omop import STUDY_COLUMNS
 from shared.protocol.model import StudyProtocol
 from site_agent.cohort.builder import COHORT_RULES_VERSION, AttritionStep, build_cohort
@@ -103,7 +103,10 @@ class DatasetStore:
     def _build(self, protocol: StudyProtocol, path: Path, key: str) -> None:
         self._check_quality(protocol)
         snapshots = {name: self._tables.read(name, columns) for name, columns in study_inputs(protocol).items()}
-        cohort = build_cohort(protocol, {name: snap.frame for name, snap in snapshots.items()})
+        try:
+            cohort = build_cohort(protocol, {name: snap.frame for name, snap in snapshots.items()})
+        except UnmatchedConceptSetError as error:
+            raise error.at_site(self._site_id) from None
         try:
             rows = cohort.dataset.select(F.lit(self._site_id).alias("site_id"), "*").toArrow()
             attrition_json = json.dumps([step.to_json() for step in cohort.attrition])
