@@ -82,8 +82,8 @@ class _SiteWriter:
     lake: SiteLake
     site: SiteParameters
     model: PlantedModel
-    anaesthetics: SiteCohortTally = field(default_factory=SiteCohortTally)
-    antidepressants: SiteCohortTally = field(
+    vs_anaesthetics: SiteCohortTally = field(default_factory=SiteCohortTally)
+    vs_antidepressants: SiteCohortTally = field(
         default_factory=lambda: SiteCohortTally(rules=RESTRICTED_RULES)
     )
     first: int = 1
@@ -101,8 +101,8 @@ class _SiteWriter:
 def _write_cud_block(writer: _SiteWriter, rng: np.random.Generator, size: int) -> None:
     persons = simulate_cud_persons(rng, writer.site, writer.model, size)
     records = cud_records(rng, persons)
-    writer.anaesthetics.add(apply_cohort_rules(persons))
-    writer.antidepressants.add(apply_antidepressant_rules(persons, records.conditions))
+    writer.vs_anaesthetics.add(apply_cohort_rules(persons))
+    writer.vs_antidepressants.add(apply_antidepressant_rules(persons, records.conditions))
     writer.write(persons, records)
 
 
@@ -114,8 +114,10 @@ def _write_background_block(writer: _SiteWriter, rng: np.random.Generator, size:
 def _write_starters_block(writer: _SiteWriter, rng: np.random.Generator, size: int) -> None:
     starters = simulate_antidepressant_starters(rng, writer.site, writer.model, size)
     records = antidepressant_records(rng, starters)
-    writer.anaesthetics.add(apply_cohort_rules_to_starters(starters))
-    writer.antidepressants.add(apply_antidepressant_rules_to_starters(starters, records.conditions))
+    writer.vs_anaesthetics.add(apply_cohort_rules_to_starters(starters))
+    writer.vs_antidepressants.add(
+        apply_antidepressant_rules_to_starters(starters, records.conditions)
+    )
     writer.write(starters, records)
 
 
@@ -196,7 +198,7 @@ def generate_network(
         _generate_site(out_dir, site, model, seeds, chunk_size)
         for site, seeds in zip(sites, zip(site_seeds, starters_seeds, strict=True), strict=True)
     ]
-    tallies = {w.site.site_id: w.anaesthetics for w in writers}
+    tallies = {w.site.site_id: w.vs_anaesthetics for w in writers}
     network, rows, site_of_row = network_cohort(tallies)
     truth = Truth(
         generator_version=GENERATOR_VERSION,
@@ -229,7 +231,7 @@ def generate_network(
         crude_hr=crude_hazard_ratio(rows, site_of_row),
         comparisons={
             "vs_antidepressants": _antidepressant_truth(
-                model, {w.site.site_id: w.antidepressants for w in writers}
+                model, {w.site.site_id: w.vs_antidepressants for w in writers}
             )
         },
     )
