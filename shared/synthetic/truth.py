@@ -106,7 +106,9 @@ class ComparisonTruth(_Frozen):
     HR is ``hr_conditional``. The protocol leaves ``depression`` out (everyone has it on or
     before index); ``without_depression_in_window`` counts, per arm, the rows that have it
     only outside the covariate window (depression = 0 in ``x``): about the same share in
-    both arms, so that leaving it out does not confound.
+    both arms, so that leaving it out does not confound. The expected cohorts' attrition
+    has the site agent's ``restriction`` step after ``arm``; their covariate sums cover
+    every covariate, depression too.
     """
 
     comparison_id: str
