@@ -142,7 +142,9 @@ def test_restriction_keeps_persons_with_the_condition_in_its_window(
 def network(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("reference")
     generate_network(root / "data", n_sites=3, n_patients=8_000, seed=5)
-    # Comparison B's arms are small at this size: the sites' policy allows counts from 1.
+    # B2 (ketamine vs midazolam among patients with depression) has a handful of comparator
+    # events per site at this size: the sites' policy allows counts from 1 (B1 needs ~10,000
+    # patients, B2 ~30,000 for the default 10).
     policy = DisclosurePolicy(min_cell_count=1)
     agents = [
         SiteAgent(SiteSettings(site_id=site.name, lake=site / "lake", workdir=root / "work" / site.name,
@@ -159,7 +161,8 @@ def network(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> di
         plans[comparison] = plan
         outcomes.append((comparison, comparison_results(plan, [])))
     return {"plans": plans, "agents": agents, "transport": transport,
-            "results": study_results(REFERENCE, "0" * 32, outcomes)}
+            "results": study_results(REFERENCE, "0" * 32, outcomes),
+            "truth": json.loads((root / "data" / "truth.json").read_text())}
 
 
 def _pooled(network: dict[str, Any], comparison: str) -> pd.DataFrame:
@@ -190,6 +193,29 @@ def test_comparison_b_keeps_only_patients_with_depression(network: dict[str, Any
         a = sum(site["n_exposed"] for site in network["plans"]["vs_anaesthetics"].sites.values())
         assert 0 < b < a  # ketamine patients with depression are a subset of all ketamine patients
     assert "depression" not in network["plans"]["vs_midazolam"].propensity()["coefficients"]
+
+
+def test_comparison_b1_counts_equal_the_generators_answer_key(network: dict[str, Any]) -> None:
+    """The generator plants B1 (antidepressant starters) and works out its cohort per site."""
+    key = network["truth"]["comparisons"]["vs_antidepressants"]["expected_cohort"]
+    for site_id, site in network["plans"]["vs_antidepressants"].sites.items():
+        expected = key[site_id]
+        for field in ("n_exposed", "n_comparator", "events_exposed", "events_comparator",
+                      "person_days_exposed", "person_days_comparator"):
+            assert site[field] == expected[field], (site_id, field)
+        steps = {step["step"]: step for step in site["attrition"]}
+        assert steps["entry"]["n_persons"] == expected["n_cud"]
+        for rule in expected["attrition"]:
+            for arm in ("exposed", "comparator"):
+                assert steps[rule["rule"]][f"n_{arm}"] == rule[f"n_{arm}"], (site_id, rule["rule"], arm)
+
+
+def test_comparison_b1_recovers_its_planted_effect_while_the_crude_is_biased(network: dict[str, Any]) -> None:
+    truth = network["truth"]["comparisons"]["vs_antidepressants"]["hr_conditional"]
+    analyses = network["plans"]["vs_antidepressants"].analyses()
+    for name in ("matched", "iptw_ate", "overlap"):
+        assert analyses[name]["ci_low"] <= truth <= analyses[name]["ci_high"], name
+    assert analyses["crude"]["hr"] > analyses["matched"]["hr"]
 
 
 def test_every_comparison_has_its_own_rounds_and_datasets(network: dict[str, Any]) -> None:

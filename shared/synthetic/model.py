@@ -10,6 +10,11 @@ The same covariates (depression, chronic pain, PTSD, anxiety, younger age, emerg
 visits) raise both, so the crude hazard ratio overstates ``exp(beta)``. Sites differ in
 size, case mix, ``alpha_site`` and ``lambda_site``; site itself is therefore a
 confounder too (fit stratified by site, or adjust for it).
+
+Comparison B1 of the reference protocol (ketamine vs antidepressants in CUD patients
+with depression) uses the same hazard: the antidepressant starters (``antidepressants.py``)
+have ``lambda_site * exp(delta' x)`` from their first antidepressant, ``x`` measured the
+same way at that index.
 """
 
 from __future__ import annotations
@@ -155,6 +160,7 @@ class SiteParameters:
     share: float
     n_cud: int
     n_background: int
+    n_antidepressant: int
     propensity_intercept: float
     daily_hazard: float
     condition_prevalence: dict[str, float]
@@ -199,15 +205,18 @@ def site_parameters(
     n_patients: int,
     n_background: int,
     rng: np.random.Generator,
+    n_antidepressant: int = 0,
 ) -> list[SiteParameters]:
     """Draw each site's case mix with ``rng``; spread intercepts and hazards evenly.
 
     Site k of K sits at ``z = -1 + 2k/(K-1)`` (0 for a single site): later (smaller)
-    sites treat more often with ketamine and have lower baseline remission.
+    sites treat more often with ketamine and have lower baseline remission. The
+    ``n_antidepressant`` starters split by the same shares (no draw).
     """
     shares = site_shares(n_sites)
     n_cud = allocate(n_patients, shares)
     n_bg = allocate(n_background, shares)
+    n_ad = allocate(n_antidepressant, shares)
     sites = []
     for k in range(n_sites):
         z = 0.0 if n_sites == 1 else -1.0 + 2.0 * k / (n_sites - 1)
@@ -231,6 +240,7 @@ def site_parameters(
                 share=round(shares[k], 6),
                 n_cud=n_cud[k],
                 n_background=n_bg[k],
+                n_antidepressant=n_ad[k],
                 propensity_intercept=round(
                     model.propensity_intercept + model.site_propensity_spread * z, 6
                 ),

@@ -9,7 +9,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import ConvergenceError
-from shared.synthetic.answer_key import RULES, TIME_AT_RISK_END, CohortRows, SiteCohortTally
+from shared.synthetic.answer_key import TIME_AT_RISK_END, CohortRows, SiteCohortTally
 from shared.synthetic.breslow import CoxFit, fit_cox_breslow
 from shared.synthetic.model import COVARIATES
 
@@ -19,7 +19,8 @@ class _Frozen(BaseModel):
 
 
 class AttritionStep(_Frozen):
-    """Persons left in each arm after one cohort rule (docs/cohort_rules.md order)."""
+    """Persons left in each arm after one cohort rule (docs/cohort_rules.md order; the
+    site agent's ``restriction`` step, where a comparison has one, follows ``arm``)."""
 
     rule: str
     n_exposed: int
@@ -33,7 +34,10 @@ class ExpectedCohort(_Frozen):
     ``covariate_sums_*`` sums rule 8's covariates (age in years) over each arm.
     """
 
-    n_cud: int = Field(description="persons with an entry code (rule 1)")
+    n_cud: int = Field(
+        description="persons with an entry code (rule 1): the CUD patients and the "
+        "antidepressant starters"
+    )
     attrition: list[AttritionStep]
     n_exposed: int
     n_comparator: int
@@ -66,8 +70,12 @@ class SiteTruth(_Frozen):
     site_id: str
     lake: str = Field(description="folder of the site's Delta tables, relative to truth.json")
     share: float
-    n_cud: int
+    n_cud: int = Field(description="CUD patients of the main population (person ids first)")
     n_background: int
+    n_antidepressant: int = Field(
+        description="antidepressant starters, CUD patients too (person ids after the "
+        "background persons)"
+    )
     propensity_intercept: float
     daily_hazard: float = Field(description="baseline remission hazard per day (lambda_site)")
     condition_prevalence: dict[str, float]
@@ -87,6 +95,36 @@ class CrudeHazardRatio(_Frozen):
     site_stratified: float | None
 
 
+class ComparisonTruth(_Frozen):
+    """A further planted comparison of the reference protocol
+    (studies/ketamine_cud_reference.yaml), with what a correct analysis must find.
+
+    B1 (``vs_antidepressants``): ketamine (comparison A's exposed with depression on or
+    before index) vs the planted antidepressant starters. Both arms' remission hazards
+    follow the planted model from their index, ``lambda_site * exp(beta * ketamine +
+    delta'x)`` with ``x`` all of ``covariates`` as rule 8 measures them, so the conditional
+    HR is ``hr_conditional``. The protocol leaves ``depression`` out (everyone has it on or
+    before index); ``without_depression_in_window`` counts, per arm, the rows that have it
+    only outside the covariate window (depression = 0 in ``x``): about the same share in
+    both arms, so that leaving it out does not confound. The expected cohorts' attrition
+    has the site agent's ``restriction`` step after ``arm``; their covariate sums cover
+    every covariate, depression too.
+    """
+
+    comparison_id: str
+    exposure: str
+    comparator: str
+    restriction: str
+    beta_treatment: float = Field(description="planted conditional log HR of ketamine")
+    hr_conditional: float
+    without_depression_in_window: dict[str, int] = Field(description="rows, by arm")
+    marginal_effect_in_treated: EffectInTreated
+    marginal_effect_in_treated_by_site: dict[str, EffectInTreated]
+    expected_cohort: dict[str, ExpectedCohort]
+    expected_cohort_network: ExpectedCohort
+    crude_hr: CrudeHazardRatio
+
+
 class Truth(_Frozen):
     """Everything the generator planted and what a correct analysis must find."""
 
@@ -96,6 +134,8 @@ class Truth(_Frozen):
     n_patients: int
     n_background: int
     background_ratio: float
+    n_antidepressant: int = Field(description="antidepressant starters (comparison B1)")
+    antidepressant_ratio: float
     block_size: int
     beta_treatment: float = Field(description="planted conditional log HR of ketamine")
     hr_conditional: float
@@ -111,6 +151,9 @@ class Truth(_Frozen):
     expected_cohort: dict[str, ExpectedCohort]
     expected_cohort_network: ExpectedCohort
     crude_hr: CrudeHazardRatio
+    comparisons: dict[str, ComparisonTruth] = Field(
+        description="further planted comparisons of the reference protocol, by comparison id"
+    )
 
     def to_json(self) -> str:
         """Indented JSON, the content of truth.json."""
@@ -178,8 +221,8 @@ def expected_cohort(
     return ExpectedCohort(
         n_cud=n_cud,
         attrition=[
-            AttritionStep(rule=r, n_exposed=attrition[r][0], n_comparator=attrition[r][1])
-            for r in RULES
+            AttritionStep(rule=rule, n_exposed=n_exposed, n_comparator=n_comparator)
+            for rule, (n_exposed, n_comparator) in attrition.items()
         ],
         n_exposed=int(exposed.sum()),
         n_comparator=int(comparator.sum()),
@@ -201,8 +244,9 @@ def network_cohort(
 ) -> tuple[ExpectedCohort, CohortRows, np.ndarray]:
     """The network's expected cohort, all rows, and each row's site index."""
     rows = [t.rows() for t in tallies.values()]
+    rules = next(iter(tallies.values())).rules
     attrition = {
-        r: [sum(t.attrition[r][k] for t in tallies.values()) for k in (0, 1)] for r in RULES
+        r: [sum(t.attrition[r][k] for t in tallies.values()) for k in (0, 1)] for r in rules
     }
     pooled = CohortRows(
         *(np.concatenate([getattr(r, f) for r in rows]) for f in CohortRows.__dataclass_fields__)

@@ -3,8 +3,14 @@
 ICD-10-CM and RxNorm codes live in the ``*_source_value`` columns. Each code has a
 concept in the OMOP local range (from ``LOCAL_CONCEPT_START``, in the order of
 ``SOURCE_CODES``), used as both the ``*_concept_id`` and the ``*_source_concept_id``.
-The codes cover every include list of ``studies/ketamine_cud.yaml`` plus near misses
-(codes next to a protocol pattern that must not match it).
+The codes cover every include list of ``studies/ketamine_cud.yaml`` and of the reference
+protocol's comparison B (antidepressants, midazolam) plus near misses (codes next to a
+protocol pattern that must not match it).
+
+Code numbers are positions in ``SOURCE_CODES`` and draws pick codes by number, so a list
+only ever grows at its end, and a code is replaced in place (the routine drugs' seventh
+was sertraline, an antidepressant of comparison B1: gabapentin took its place, so that
+the only antidepressants are the planted ones of ``antidepressants.py``).
 """
 
 from __future__ import annotations
@@ -134,9 +140,24 @@ OTHER_DRUGS: tuple[SourceCode, ...] = (
     SourceCode("5640", "ibuprofen", RXNORM),
     SourceCode("7242", "naloxone", RXNORM),
     SourceCode("1819", "buprenorphine", RXNORM),
-    SourceCode("36437", "sertraline", RXNORM),
+    SourceCode("25480", "gabapentin", RXNORM),  # no antidepressant among routine drugs
     SourceCode("6470", "lorazepam", RXNORM),
 )
+# Comparison B1's comparator (studies/ketamine_cud_reference.yaml, vs_antidepressants),
+# started only by the planted antidepressant block; weights roughly US prescribing shares.
+ANTIDEPRESSANTS: tuple[SourceCode, ...] = (
+    SourceCode("36437", "sertraline", RXNORM),
+    SourceCode("4493", "fluoxetine", RXNORM),
+    SourceCode("2556", "citalopram", RXNORM),
+    SourceCode("321988", "escitalopram", RXNORM),
+    SourceCode("32937", "paroxetine", RXNORM),
+    SourceCode("39786", "venlafaxine", RXNORM),
+    SourceCode("72625", "duloxetine", RXNORM),
+    SourceCode("42347", "bupropion", RXNORM),
+    SourceCode("15996", "mirtazapine", RXNORM),
+    SourceCode("10737", "trazodone", RXNORM),
+)
+ANTIDEPRESSANT_WEIGHTS: tuple[float, ...] = (22, 12, 10, 14, 4, 7, 7, 12, 5, 7)  # per cent
 
 SOURCE_CODES: tuple[SourceCode, ...] = (
     *ENTRY_CODES,
@@ -146,6 +167,7 @@ SOURCE_CODES: tuple[SourceCode, ...] = (
     KETAMINE,
     *COMPARATOR_DRUGS,
     *OTHER_DRUGS,
+    *ANTIDEPRESSANTS,  # last: the earlier code numbers do not move
 )
 _POSITION: dict[str, int] = {code.code: i for i, code in enumerate(SOURCE_CODES)}
 if len(_POSITION) != len(SOURCE_CODES):  # pragma: no cover - guards edits of the lists
