@@ -2,7 +2,8 @@
 
 Every study reads the tables of ``shared.omop.STUDY_COLUMNS``; arms drawn from procedures
 add ``procedure_occurrence``, and concept sets with ``include_descendants`` add the
-vocabulary's ``concept_ancestor``.
+vocabulary's ``concept_ancestor``. Large-scale covariates add the ``*_concept_id`` column
+of each of their domains (and ``procedure_occurrence`` for procedures).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from shared.protocol.model import StudyProtocol
 
 PROCEDURE_COLUMNS = ("person_id", "procedure_date", "procedure_concept_id", "procedure_source_value")
 ANCESTOR_COLUMNS = ("ancestor_concept_id", "descendant_concept_id")
+FEATURE_TABLES = {"condition": "condition_occurrence", "drug": "drug_exposure", "procedure": "procedure_occurrence"}
 
 
 def study_inputs(protocol: StudyProtocol) -> dict[str, tuple[str, ...]]:
@@ -21,6 +23,11 @@ def study_inputs(protocol: StudyProtocol) -> dict[str, tuple[str, ...]]:
         inputs["procedure_occurrence"] = PROCEDURE_COLUMNS
     if any(codes.uses_descendants() for codes in protocol.code_sets()):
         inputs["concept_ancestor"] = ANCESTOR_COLUMNS
+    if protocol.large_scale_covariates is not None:
+        for domain in protocol.large_scale_covariates.domains:
+            table = FEATURE_TABLES[domain]
+            base = inputs.get(table, PROCEDURE_COLUMNS if domain == "procedure" else ())
+            inputs[table] = (*base, *(c for c in (f"{domain}_concept_id",) if c not in base))
     return inputs
 
 
@@ -29,5 +36,7 @@ def why_needed(protocol: StudyProtocol, table: str) -> str:
     if table == "concept_ancestor":
         return "its concept sets use include_descendants"
     if table == "procedure_occurrence":
+        if "procedure" not in protocol.domains():
+            return "its large_scale_covariates list the procedure domain"
         return "an arm is drawn from procedures (domain: procedure)"
     return "every study reads it"
