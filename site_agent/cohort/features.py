@@ -12,7 +12,12 @@ column (docs/cohort_rules.md, rule 9):
 - records matching the exposure's or the comparator's code set, in that arm's domain
   (CohortMethod excludes the target and comparator drugs from the covariates too);
 - condition records matching a named ``condition`` covariate's code set (that covariate
-  is in the model already).
+  is in the model already);
+- with each of these, every standard concept that the matching records carry at this
+  site (a set given by source codes would otherwise let the same drug back in under a
+  record whose source code the set does not list). Sites whose mappings differ exclude
+  different concepts; a concept excluded at one site is released by none there, so the
+  selection rule keeps it out of the model everywhere.
 """
 
 from __future__ import annotations
@@ -47,13 +52,17 @@ def excluded_code_sets(protocol: StudyProtocol, domain: str) -> list[CodeSet]:
     return sets
 
 
-def _excluded(protocol: StudyProtocol, domain: str, ancestors: DataFrame | None) -> Column:
-    """True where a record of ``domain`` matches a code set of :func:`excluded_code_sets`."""
-    terms = [
+def _excluded(protocol: StudyProtocol, domain: str, records: DataFrame, ancestors: DataFrame | None) -> Column:
+    """True where a record of ``domain`` matches a code set of :func:`excluded_code_sets`,
+    or carries a concept that such a record carries at this site."""
+    matches = [
         code_predicate(F.col("code"), codes, F.col("concept_id"), resolve_concepts(codes, ancestors))
         for codes in excluded_code_sets(protocol, domain)
     ]
-    return reduce(lambda a, b: a | b, terms, F.lit(False))
+    matching = reduce(lambda a, b: a | b, matches, F.lit(False))
+    carried = [int(row[0]) for row in records.where(matching).select("concept_id").distinct().collect()
+               if row[0] is not None]
+    return matching | F.col("concept_id").isin(carried) if carried else matching
 
 
 def concept_features(protocol: StudyProtocol, tables: dict[str, DataFrame], cohort: DataFrame) -> DataFrame:
@@ -79,7 +88,7 @@ def concept_features(protocol: StudyProtocol, tables: dict[str, DataFrame], coho
             records.join(keys, "person_id")
             .where(F.col("concept_id").isNotNull() & (F.col("concept_id") != 0))
             .where((offset >= window.start_day) & (offset <= window.end_day))
-            .where(~_excluded(protocol, domain, ancestors))
+            .where(~_excluded(protocol, domain, records, ancestors))
         )
         frames.append(kept.select(
             F.col("person_id").cast("long"), F.lit(domain).alias("domain"), F.col("concept_id").cast("long"),
