@@ -50,7 +50,8 @@ class RowsSite:
         concepts = params.get("concepts")
         if not concepts:
             return self.rows
-        assert self.features is not None and isinstance(concepts, list)
+        assert self.features is not None
+        assert isinstance(concepts, list)
         return with_concepts(self.rows, self.features, concepts, self.policy.min_cell_count)
 
     def reply(self, request: RoundRequest) -> RoundReply:

@@ -80,7 +80,9 @@ def test_features_follow_the_window_and_exclude_the_arms_and_named_covariates(sp
     assert DeltaTable(str(store.features_path(STUDY.study_id))).to_pandas().shape == (3, 3)
     reopened = DatasetStore(backend, OmopTables(backend, tmp_path / "lake", "site_f"), tmp_path / "work", "site_f")
     cached = reopened.get(STUDY)  # after a restart: dataset and features from their Delta tables
-    assert not cached.rebuilt and cached.features is not None and cached.features.count() == 3
+    assert not cached.rebuilt
+    assert cached.features is not None
+    assert cached.features.count() == 3
 
 
 @pytest.fixture(scope="module")

@@ -130,5 +130,6 @@ def test_large_scale_covariates_default_to_the_covariate_window_and_keep_old_has
     data["covariates"] = []  # the adjusted analyses may rest on concepts alone
     protocol = parse_protocol(data, "test.yaml")
     assert protocol.large_scale_window() == protocol.covariate_window
-    assert protocol.large_scale_covariates is not None and protocol.large_scale_covariates.max_covariates == 1000
+    assert protocol.large_scale_covariates is not None
+    assert protocol.large_scale_covariates.max_covariates == 1000
     assert protocol.sha256() != plain.sha256()
