@@ -17,6 +17,7 @@ import numpy as np
 
 from coordinator import ph_check
 from coordinator.fits import WeightedCoxFit
+from coordinator.large_scale import concept_balance
 from shared.errors import ConvergenceError
 from shared.protocol.model import StudyProtocol
 from shared.stats.balance import ArmMoments, standardized_differences
@@ -201,8 +202,15 @@ def _guarded_result(
         }
 
 
-def balance(names: list[str], by_analysis: dict[str, list[dict[str, Any]]], columns: list[str]) -> dict[str, Any]:
-    """SMD per covariate before (all rows) and after each matching/weighting."""
+def balance(
+    names: list[str], by_analysis: dict[str, list[dict[str, Any]]], columns: list[str], concepts: list[str] | None = None,
+) -> dict[str, Any]:
+    """SMD per covariate before (all rows) and after each matching/weighting.
+
+    ``concepts`` are the large-scale concept columns after the named ``columns`` in the
+    sites' moments: summarised apart (``large_scale``), never mixed into ``max_abs_smd``.
+    """
+    concept_smd: dict[str, Any] = {}
     out: dict[str, Any] = {"smd_definition": "(mean_exposed - mean_comparator) / sqrt((var_exposed + "
                            "var_comparator) / 2), weighted variances dividing by the sum of weights",
                            "covariates": {column: {} for column in columns}, "max_abs_smd": {}}
@@ -215,14 +223,18 @@ def balance(names: list[str], by_analysis: dict[str, list[dict[str, Any]]], colu
             for column in columns:
                 out["covariates"][column][label] = None
             out.setdefault("notes", {})[label] = "not computed: an arm has no rows after matching/weighting"
+            concept_smd[label] = None
             continue
         result = standardized_differences(moments)
+        concept_smd[label] = result.smd[len(columns):]
         for i, column in enumerate(columns):
             out["covariates"][column][label] = {
                 "mean_exposed": float(result.mean_exposed[i]), "mean_comparator": float(result.mean_comparator[i]),
                 "smd": float(result.smd[i]),
             }
-        out["max_abs_smd"][label] = float(np.max(np.abs(result.smd))) if len(columns) else 0.0
+        out["max_abs_smd"][label] = float(np.max(np.abs(result.smd[: len(columns)]))) if len(columns) else 0.0
+    if concepts:
+        out["large_scale"] = concept_balance(concept_smd, concepts)
     return out
 
 
@@ -287,9 +299,12 @@ def meta(names: list[str], by_analysis: dict[str, list[tuple[str, dict[str, Any]
 
 
 def combine(
-    protocol: StudyProtocol, partials: Partials, site_ids: list[str], cox_fits: dict[str, WeightedCoxFit] | None = None
+    protocol: StudyProtocol, partials: Partials, site_ids: list[str], cox_fits: dict[str, WeightedCoxFit] | None = None,
+    concepts: list[str] | None = None,
 ) -> dict[str, Any]:
     """Everything the adjusted round gives: analyses, balance, PS histogram, meta-analysis.
+
+    ``concepts``: the propensity model's large-scale concept columns (their balance too).
 
     An analysis a site withheld (a count below its minimum cell count) has no pooled
     estimate: it says which sites withheld it, and the other analyses go on.
@@ -323,7 +338,7 @@ def combine(
                          if "withheld" not in part] for name in names}
     return {
         "analyses": analyses,
-        "balance": balance(complete, by_analysis, protocol.covariate_columns()),
+        "balance": balance(complete, by_analysis, protocol.covariate_columns(), concepts),
         "histogram": propensity_histogram(partials),
         "meta": meta(names, meta_sites),
     }

@@ -12,7 +12,9 @@ for every iterative fit (coordinator/fits.py) its derivatives at a start and eac
 own fit. Later rounds carry one step of every fit that has not converged yet, together.
 When the propensity model has converged, a last round brings its derivatives at the final
 point and, with it, every propensity-score analysis (coordinator/adjusted.py), which the
-coordinator then computes without another exchange.
+coordinator then computes without another exchange. With large-scale covariates the
+summary round also brings each site's releasable concepts; the coordinator chooses the
+common list (coordinator/large_scale.py) and the propensity model starts in round 2.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator import adjusted
+from coordinator import adjusted, large_scale
 from coordinator.fits import CrudeCoxFit, PropensityFit, WeightedCoxFit
 from shared.errors import InsufficientSites, SiteError
 from shared.protocol.messages import RoundReply, RoundRequest
@@ -52,7 +54,7 @@ class StudyPlan:
         self.fits: list[CrudeCoxFit | PropensityFit] = [self.crude]
         self.propensity_fit: PropensityFit | None = None
         if "propensity" in self.protocol.analyses:
-            self.propensity_fit = PropensityFit(self.protocol)
+            self.propensity_fit = large_scale.propensity_fit_for(self.protocol)
             self.fits.append(self.propensity_fit)
         self.adjusted: dict[str, Any] | None = None
         self.event_tables = True  # False when any site's policy keeps event tables at the site
@@ -67,7 +69,9 @@ class StudyPlan:
         """The next round's request, or None when the study is complete."""
         if self._round == 0:
             tasks: dict[str, dict[str, Any]] = {task: {} for task in _SUMMARY_TASKS}
-            tasks.update({fit.task: fit.first_params() for fit in self.fits})
+            tasks.update({fit.task: fit.first_params() for fit in self.fits if not large_scale.waits_for_selection(fit)})
+            if self.protocol.large_scale_covariates is not None:
+                tasks[large_scale.CONCEPT_TASK] = {}
             return self._request("summary", tasks)
         pending = [fit for fit in self.fits if not fit.converged]
         if pending:
@@ -75,7 +79,7 @@ class StudyPlan:
         if self.propensity_fit is None or self.propensity_fit.error is not None:
             return None
         if not self._final_round_done:
-            tasks = {"propensity": {"beta": self.propensity_fit.beta.tolist()}}
+            tasks = {"propensity": {"beta": self.propensity_fit.beta.tolist(), **large_scale.concept_params(self.propensity_fit)}}
             if self.protocol.adjusted_analyses():
                 tasks["adjusted"] = {**self._adjusted_params(), "event_tables": self.event_tables}
             return self._request("adjusted", tasks)
@@ -92,6 +96,7 @@ class StudyPlan:
             "beta": self.propensity_fit.beta.tolist(),
             "caliper": self.protocol.matching.caliper * self.propensity_fit.logit_sd(),
             "exposed_share": n_exposed / n_total,
+            **large_scale.concept_params(self.propensity_fit),
         }
 
     def _request(self, name: str, tasks: dict[str, dict[str, Any]]) -> RoundRequest:
@@ -150,7 +155,7 @@ class StudyPlan:
                     cox_fit.absorb(partials)
             if all(fit.converged for fit in self.cox_fits.values()):
                 assert self._adjusted_partials is not None
-                self.adjusted = adjusted.combine(self.protocol, self._adjusted_partials, sorted(replies), self.cox_fits)
+                self.adjusted = self._combine(self._adjusted_partials, sorted(replies), self.cox_fits)
         self._round += 1
 
     def _absorb_summaries(self, replies: dict[str, RoundReply], ordered: list[dict[str, Any]]) -> None:
@@ -164,7 +169,12 @@ class StudyPlan:
                 f"site. Fix: lengthen the time at risk or check the outcome's codes."
             )
         for fit in self.fits:
-            if not fit.converged and (partials := self._usable(fit, [r[fit.task] for r in ordered])):
+            if large_scale.waits_for_selection(fit):
+                assert isinstance(fit, large_scale.LargeScalePropensityFit)
+                fit.choose(large_scale.select_concepts(
+                    self._site_ids, [r[large_scale.CONCEPT_TASK] for r in ordered], fit.max_covariates,
+                ))
+            elif not fit.converged and (partials := self._usable(fit, [r[fit.task] for r in ordered])):
                 fit.warm_start(partials)
 
     def _withheld(self, partials: list[dict[str, Any]]) -> str:
@@ -185,7 +195,7 @@ class StudyPlan:
     def _absorb_adjusted(self, partials: list[dict[str, Any]], site_ids: list[str]) -> None:
         """With event tables everything is central now; without, weighted Cox fits start."""
         if all(p["event_tables"] for p in partials):
-            self.adjusted = adjusted.combine(self.protocol, partials, site_ids)
+            self.adjusted = self._combine(partials, site_ids)
             return
         self._adjusted_partials = partials
         for name in ("crude", *self.protocol.adjusted_analyses()):
@@ -196,7 +206,14 @@ class StudyPlan:
             cox_fit.warm_start([part.get("local_fit") for part in parts])
             self.cox_fits[name] = cox_fit
         if not self.cox_fits:
-            self.adjusted = adjusted.combine(self.protocol, partials, site_ids, self.cox_fits)
+            self.adjusted = self._combine(partials, site_ids, self.cox_fits)
+
+    def _combine(
+        self, partials: list[dict[str, Any]], site_ids: list[str], cox_fits: dict[str, WeightedCoxFit] | None = None,
+    ) -> dict[str, Any]:
+        """The adjusted analyses' central half, with the balance of the concept columns too."""
+        concepts = large_scale.concept_columns(self.propensity_fit)
+        return adjusted.combine(self.protocol, partials, site_ids, cox_fits, concepts=concepts)
 
     def _absorb_summary(self, site_id: str, results: dict[str, Any]) -> None:
         summary = results["arm_summary"]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from pyspark.sql import SparkSession
 
@@ -21,6 +22,12 @@ from shared.stats.cox import EventTable
 from site_agent.analyses.adjusted import adjusted, weighted_cox
 from site_agent.analyses.counts import arm_summary, attrition
 from site_agent.analyses.cox import crude_cox
+from site_agent.analyses.large_scale import (
+    ConceptFeatures,
+    concept_counts,
+    read_features,
+    with_concepts,
+)
 from site_agent.analyses.propensity import propensity
 from site_agent.analyses.release import Release
 from site_agent.analyses.rows import AnalysisRows, analysis_rows
@@ -43,6 +50,8 @@ class _StudyState:
     dataset: AnalysisDataset
     events: EventTable
     _rows: AnalysisRows | None = None
+    _features: ConceptFeatures | None = None
+    _with_concepts: dict[tuple[str, ...], AnalysisRows] = field(default_factory=dict)
 
     @property
     def rows(self) -> AnalysisRows:
@@ -51,8 +60,31 @@ class _StudyState:
             self._rows = analysis_rows(self.dataset.frame, self.protocol)
         return self._rows
 
+    @property
+    def features(self) -> ConceptFeatures:
+        """The large-scale covariates' (person, concept) pairs, read from Spark on first use."""
+        if self._features is None:
+            if self.dataset.features is None:
+                raise ProtocolError(
+                    f"study {self.protocol.study_id!r} has no large_scale_covariates, yet a round asks "
+                    f"for concepts. Fix: run the same protocol and fedrwe version everywhere."
+                )
+            self._features = read_features(self.dataset.features)
+        return self._features
+
+    def rows_with(self, params: dict[str, Any], min_cell_count: int) -> AnalysisRows:
+        """The rows with the round's large-scale concept columns (``params['concepts']``), if any."""
+        columns = params.get("concepts") or []
+        if not columns:
+            return self.rows
+        key = tuple(columns)
+        if key not in self._with_concepts:  # one design per study: the concept list is fixed in a run
+            self._with_concepts = {key: with_concepts(self.rows, self.features, list(columns), min_cell_count)}
+        return self._with_concepts[key]
+
 
 _ALWAYS_ALLOWED = frozenset({"provenance", "attrition", "arm_summary"})
+CONCEPT_TASK = "large_scale_concepts"  # the summary round's release of large-scale concepts
 _TASKS_OF_ANALYSIS = {
     "crude": {"crude_cox"}, "propensity": {"propensity"},
     **{name: {"adjusted", "weighted_cox"} for name in ("matched", "iptw_ate", "iptw_att", "overlap")},
@@ -61,7 +93,8 @@ _TASKS_OF_ANALYSIS = {
 
 def allowed_tasks(protocol: StudyProtocol) -> frozenset[str]:
     """The partial computations a protocol's analyses need; nothing else runs."""
-    return _ALWAYS_ALLOWED.union(*(_TASKS_OF_ANALYSIS[name] for name in protocol.analyses))
+    allowed = _ALWAYS_ALLOWED.union(*(_TASKS_OF_ANALYSIS[name] for name in protocol.analyses))
+    return allowed | {CONCEPT_TASK} if protocol.large_scale_covariates is not None else allowed
 
 
 class SiteAgent:
@@ -211,12 +244,15 @@ class SiteAgent:
             "attrition": lambda params: attrition(state.dataset.attrition, min_cell_count),
             "arm_summary": lambda params: arm_summary(state.events),
             "crude_cox": lambda params: crude_cox(state.events, params, limit),
-            "propensity": lambda params: propensity(state.rows, params, limit),
+            "propensity": lambda params: propensity(state.rows_with(params, min_cell_count), params, limit),
             "adjusted": lambda params: adjusted(
-                state.rows, protocol, params, limit, min_cell_count,
+                state.rows_with(params, min_cell_count), protocol, params, limit, min_cell_count,
                 event_tables=policy.event_tables and bool(params.get("event_tables", True)),
             ),
-            "weighted_cox": lambda params: weighted_cox(state.rows, protocol, params, limit),
+            "weighted_cox": lambda params: weighted_cox(
+                state.rows_with(params["propensity"], min_cell_count), protocol, params, limit,
+            ),
+            CONCEPT_TASK: lambda params: concept_counts(state.features, len(state.rows.person_id), min_cell_count),
             "provenance": lambda params: Release({
                 "input_versions": state.dataset.input_versions,
                 "dataset_version": state.dataset.delta_version,

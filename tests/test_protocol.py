@@ -140,3 +140,41 @@ def test_the_committed_json_schema_is_current_and_every_field_is_documented() ->
     manual = (docs / "protocol.md").read_text()
     undocumented = sorted(n for n in _property_names(json.loads(protocol_json_schema()), set()) if f"`{n}`" not in manual)
     assert not undocumented, f"docs/protocol.md does not describe {undocumented}"
+
+
+@pytest.mark.parametrize(
+    ("block", "change", "expected"),
+    [
+        ({"window": {"start_day": -30, "end_day": 0}}, None, r"large_scale_covariates.window.end_day is 0.*Fix: end"),
+        ({"domains": ["drug", "drug"]}, None, r"domains \['drug', 'drug'\] repeat a domain"),
+        ({"domains": ["device"]}, None, r"field `large_scale_covariates.domains.0`"),
+        ({"max_covariates": 0}, None, r"field `large_scale_covariates.max_covariates`"),
+        ({}, lambda d: d.update(analyses=["crude"]), r"feed the propensity model: add 'propensity'"),
+        ({}, lambda d: d["covariates"].append({"name": "drug_123", "kind": "age"}), r"\['drug_123'\] look like"),
+    ],
+)
+def test_malformed_large_scale_covariates_are_named(block: dict[str, Any], change: Any, expected: str) -> None:
+    data = reference()
+    data["large_scale_covariates"] = block
+    if change is not None:
+        change(data)
+    with pytest.raises(ProtocolError, match=expected):
+        parse_protocol(data, "test.yaml")
+
+
+def test_large_scale_covariates_default_to_the_covariate_window_and_keep_old_hashes() -> None:
+    import hashlib
+
+    from shared.protocol.messages import canonical_json
+
+    plain = load_protocol(PROTOCOL)
+    without_block = {k: v for k, v in plain.model_dump(mode="json").items() if k != "large_scale_covariates"}
+    assert plain.sha256() == hashlib.sha256(canonical_json(without_block)).hexdigest()
+    data = reference()
+    data["large_scale_covariates"] = {"domains": ["condition", "drug"]}
+    data["covariates"] = []  # the adjusted analyses may rest on concepts alone
+    protocol = parse_protocol(data, "test.yaml")
+    assert protocol.large_scale_window() == protocol.covariate_window
+    assert protocol.large_scale_covariates is not None
+    assert protocol.large_scale_covariates.max_covariates == 1000
+    assert protocol.sha256() != plain.sha256()

@@ -227,6 +227,56 @@ Covariate = Annotated[
     DemographicCovariate | ConditionCovariate | VisitCountCovariate, Field(discriminator="kind")
 ]
 
+FeatureDomain = Literal["condition", "drug", "procedure"]
+FEATURE_DOMAINS: tuple[FeatureDomain, ...] = ("condition", "drug", "procedure")
+_CONCEPT_COLUMN = re.compile(r"^(condition|drug|procedure)_([0-9]+)$")
+
+
+def concept_column(domain: str, concept_id: int) -> str:
+    """The PS design column of a large-scale covariate, e.g. ``drug_1125315``."""
+    return f"{domain}_{concept_id}"
+
+
+def parse_concept_column(column: str) -> tuple[str, int] | None:
+    """``(domain, concept_id)`` of a large-scale covariate column, or None for any other name."""
+    found = _CONCEPT_COLUMN.match(column)
+    return (found.group(1), int(found.group(2))) if found else None
+
+
+class LargeScaleCovariates(_Strict):
+    """One binary covariate per standard concept recorded in a window before index, for the PS model.
+
+    OHDSI FeatureExtraction's condition / drug / procedure occurrence features: 1 when the
+    person has any record of the concept (``*_concept_id``, not 0) in the window. Records of
+    the arms' code sets and of the named condition covariates' code sets are excluded
+    (docs/cohort_rules.md). A concept enters the model only when every site has at least its
+    minimum cell count of persons with it and without it (docs/estimators.md).
+    """
+
+    domains: list[FeatureDomain] = Field(
+        default_factory=lambda: list(FEATURE_DOMAINS), min_length=1,
+        description="Record domains the concepts come from (condition_occurrence, drug_exposure, procedure_occurrence).",
+    )
+    window: DayWindow | None = Field(
+        default=None, description="Days relative to index where records count (default: covariate_window); end_day < 0.",
+    )
+    max_covariates: int = Field(
+        default=1000, ge=1, le=2000,
+        description="Most concepts in the model, those with the most persons over all sites first.",
+    )
+
+    @model_validator(mode="after")
+    def _valid(self) -> LargeScaleCovariates:
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"large_scale_covariates.domains {self.domains} repeat a domain; list each once")
+        if self.window is not None and self.window.end_day >= 0:
+            raise ValueError(
+                f"large_scale_covariates.window.end_day is {self.window.end_day}; it must be < 0 "
+                f"(covariates precede index). Fix: end the window on day -1 or earlier"
+            )
+        return self
+
+
 RACE_LEVELS: tuple[str, ...] = ("black", "asian", "other")  # white is the reference level
 RESERVED_COLUMNS = frozenset({"site_id", "person_id", "treatment", "index_date", "time", "event"})
 
@@ -330,6 +380,9 @@ class StudyProtocol(_Strict):
     covariate_window: DayWindow = Field(description="Days before index where covariates are measured.")
     study_population: StudyPopulation = StudyPopulation()
     covariates: list[Covariate] = Field(default_factory=list)
+    large_scale_covariates: LargeScaleCovariates | None = Field(
+        default=None, description="Optional concept covariates (condition/drug/procedure occurrence) for the PS model.",
+    )
     propensity: PropensityModel = PropensityModel()
     matching: Matching = Matching()
     weighting: Weighting = Weighting()
@@ -360,7 +413,8 @@ class StudyProtocol(_Strict):
         adjusted = sorted(set(self.analyses) & set(ADJUSTED_ANALYSES))
         if adjusted and "propensity" not in self.analyses:
             raise ValueError(f"analyses {adjusted} use the propensity score: add 'propensity' to analyses")
-        if adjusted and not self.covariates:
+        self._check_large_scale(columns)
+        if adjusted and not self.covariates and self.large_scale_covariates is None:
             raise ValueError(f"analyses {adjusted} need covariates for the propensity model; add some")
         if len(set(self.analyses)) != len(self.analyses):
             raise ValueError(f"analyses {self.analyses} repeat a name; list each once")
@@ -450,6 +504,27 @@ class StudyProtocol(_Strict):
         if cuts != sorted(set(cuts)) or any(not 1 <= c <= last for c in cuts):
             raise ValueError(f"ph_check_cut_days {cuts} must increase strictly and lie in 1..{last}")
 
+    def _check_large_scale(self, columns: list[str]) -> None:
+        """Large-scale covariates feed the PS model, and their column names are theirs alone."""
+        if self.large_scale_covariates is None:
+            return
+        if "propensity" not in self.analyses:
+            raise ValueError(
+                "large_scale_covariates feed the propensity model: add 'propensity' to analyses "
+                "(or remove large_scale_covariates)"
+            )
+        clashing = [column for column in columns if parse_concept_column(column) is not None]
+        if clashing:
+            raise ValueError(
+                f"covariate names {clashing} look like large-scale concept columns (domain_conceptid); "
+                f"rename them"
+            )
+
+    def large_scale_window(self) -> DayWindow:
+        """The window of the large-scale covariates (the covariate window unless set)."""
+        block = self.large_scale_covariates
+        return block.window if block is not None and block.window is not None else self.covariate_window
+
     def code_sets(self) -> list[CodeSet]:
         """Every concept set of a one-comparison protocol (entry, arms, outcome, restriction,
         condition covariates)."""
@@ -503,11 +578,18 @@ class StudyProtocol(_Strict):
 
     def canonical_bytes(self) -> bytes:
         """The protocol as canonical JSON: the bytes that are hashed, signed and approved."""
-        return canonical_json(self.model_dump(mode="json"))
+        data = self.model_dump(mode="json")
+        for name in _OMITTED_WHEN_NULL:
+            if data[name] is None:
+                del data[name]  # protocols without the newer blocks keep their hash
+        return canonical_json(data)
 
     def sha256(self) -> str:
         """Hex SHA-256 of the canonical bytes: the protocol's identity at every site."""
         return hashlib.sha256(self.canonical_bytes()).hexdigest()
+
+
+_OMITTED_WHEN_NULL = ("large_scale_covariates",)
 
 
 def protocol_json_schema() -> str:

@@ -3,6 +3,8 @@
 A dataset is reused while the protocol hash and the Delta versions of every input table
 are unchanged: from memory within a study's rounds, from its Delta table across restarts.
 Otherwise it is rebuilt (a new Delta version, so earlier ones stay readable for audit).
+A protocol with large-scale covariates also keeps their long-format features
+(site_agent/cohort/features.py) as a Delta table next to the dataset, under the same key.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from shared.errors import MissingTableError, UnmatchedConceptSetError
 from shared.omop import STUDY_COLUMNS
 from shared.protocol.model import StudyProtocol
 from site_agent.cohort.builder import COHORT_RULES_VERSION, AttritionStep, build_cohort
+from site_agent.cohort.features import FEATURE_SCHEMA, FEATURES_TABLE, concept_features
 from site_agent.cohort.inputs import study_inputs, why_needed
 from site_agent.data.delta import DeltaBackend, OmopTables
 from site_agent.ingest import check_lake
@@ -38,6 +41,7 @@ class AnalysisDataset:
     input_versions: dict[str, int]
     rebuilt: bool
     build_seconds: float
+    features: DataFrame | None = None  # person_id, domain, concept_id (large-scale covariates only)
 
 
 class DatasetStore:
@@ -66,8 +70,10 @@ class DatasetStore:
             return loaded
         if loaded is not None:
             loaded.frame.unpersist()
+            if loaded.features is not None:
+                loaded.features.unpersist()
         path = self.path(protocol.study_id)
-        rebuilt = self._backend.last_commit_metadata(path).get(_KEY) != key
+        rebuilt = self._backend.last_commit_metadata(path).get(_KEY) != key or self._features_stale(protocol, key)
         started = time.perf_counter()
         if rebuilt:
             self._build(protocol, path, key)
@@ -76,10 +82,32 @@ class DatasetStore:
         snapshot = self._backend.read("analysis_dataset", path)
         dataset = AnalysisDataset(
             key, snapshot.frame.cache(), attrition, snapshot.version, input_versions, rebuilt,
-            round(time.perf_counter() - started, 3),
+            round(time.perf_counter() - started, 3), self._features(protocol),
         )
         self._loaded[protocol.study_id] = dataset
         return dataset
+
+    def features_path(self, study_id: str) -> Path:
+        return self.path(study_id).parent / FEATURES_TABLE
+
+    def _features_stale(self, protocol: StudyProtocol, key: str) -> bool:
+        """True when the protocol has large-scale covariates and their table is not from ``key``."""
+        if protocol.large_scale_covariates is None:
+            return False
+        return self._backend.last_commit_metadata(self.features_path(protocol.study_id)).get(_KEY) != key
+
+    def _features(self, protocol: StudyProtocol) -> DataFrame | None:
+        """The large-scale covariates' table (cached), or None when the protocol has none."""
+        if protocol.large_scale_covariates is None:
+            return None
+        path = self.features_path(protocol.study_id)
+        return self._backend.read(FEATURES_TABLE, path, FEATURE_SCHEMA).frame.cache()
+
+    def _write_features(self, protocol: StudyProtocol, key: str, inputs: dict[str, DataFrame]) -> None:
+        """Build the features from the dataset just written and keep them next to it."""
+        dataset = self._backend.read("analysis_dataset", self.path(protocol.study_id)).frame
+        features = concept_features(protocol, inputs, dataset).toArrow().cast(FEATURE_SCHEMA)
+        self._backend.write_arrow(self.features_path(protocol.study_id), features, {_KEY: key})
 
     def _version(self, protocol: StudyProtocol, name: str) -> int:
         try:
@@ -113,4 +141,6 @@ class DatasetStore:
             self._backend.write_arrow(path, rows, {_KEY: key, _ATTRITION: attrition_json})
         finally:
             cohort.release()
+        if protocol.large_scale_covariates is not None:
+            self._write_features(protocol, key, {name: snap.frame for name, snap in snapshots.items()})
 
