@@ -579,9 +579,13 @@ class StudyProtocol(_Strict):
     def canonical_bytes(self) -> bytes:
         """The protocol as canonical JSON: the bytes that are hashed, signed and approved."""
         data = self.model_dump(mode="json")
-        for name in _OMITTED_WHEN_NULL:
-            if data[name] is None:
-                del data[name]  # protocols without the newer blocks keep their hash
+        for path, default in _ADDED_SINCE_SCHEMA_1:  # unused newer options keep a protocol's hash
+            *parents, name = path
+            holder = data
+            for parent in parents:
+                holder = holder[parent]
+            if holder[name] == default:
+                del holder[name]
         return canonical_json(data)
 
     def sha256(self) -> str:
@@ -589,7 +593,16 @@ class StudyProtocol(_Strict):
         return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
 
-_OMITTED_WHEN_NULL = ("large_scale_covariates",)
+# Fields added after schema 1's first release, with their defaults: left out of the hashed
+# bytes while unused, so a protocol written before them keeps the hash its sites approved.
+_ADDED_SINCE_SCHEMA_1: tuple[tuple[tuple[str, ...], object], ...] = (
+    (("comparisons",), []),
+    (("restrict_to",), None),
+    (("large_scale_covariates",), None),
+    (("time_at_risk", "start_anchor"), "cohort_start"),
+    (("time_at_risk", "end_anchor"), "cohort_start"),
+    (("study_population", "censor_at_death"), True),
+)
 
 
 def protocol_json_schema() -> str:
