@@ -194,19 +194,21 @@ def render_report(results: dict[str, Any], truth: dict[str, Any] | None = None) 
 
 
 def _truth_parts(truth: dict[str, Any] | None) -> list[str]:
-    """In simulation: the generator's planted parameters."""
+    """In simulation: the generator's planted parameters (comparison A's, and those of the
+    other comparisons it plants, by comparison id)."""
     if truth is None:
         return []
-    marginal = truth.get("marginal_effect_in_treated", {})
+    rows = [["conditional HR (planted), ketamine vs other anaesthetics", truth.get("hr_conditional")]]
+    rows += [[f"marginal {k} in the treated", v] for k, v in truth.get("marginal_effect_in_treated", {}).items()
+             if isinstance(v, int | float)]
+    rows += [[f"conditional HR (planted), comparison {cid}", planted.get("hr_conditional")]
+             for cid, planted in truth.get("comparisons", {}).items()]
     return [
         "<h2>Planted truth (simulation)</h2>",
-        "<p class='note'>Synthetic data: the generator's true parameters, planted for ketamine "
-        "vs the anaesthetic comparators; the crude HR is expected to be biased by the planted "
-        "confounding. Comparisons with other arms have no planted truth.</p>",
-        _table(["quantity", "value"],
-               [["conditional HR (planted)", truth.get("hr_conditional")],
-                *[[f"marginal {k} in the treated", v] for k, v in marginal.items()
-                  if isinstance(v, int | float)]]),
+        "<p class='note'>Synthetic data: the generator's true parameters; the crude HRs are "
+        "expected to be biased by the planted confounding. Comparisons not listed here have no "
+        "planted truth.</p>",
+        _table(["quantity", "value"], rows),
     ]
 
 

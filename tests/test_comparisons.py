@@ -236,7 +236,8 @@ def test_results_and_report_list_every_comparison(network: dict[str, Any]) -> No
     assert [c["comparison_id"] for c in results["comparisons"]] == COMPARISONS
     views = comparison_views(results)
     assert [v["study_id"] for v in views] == [REFERENCE.study_id] * 3
-    html = render_report(results)
+    html = render_report(results, network["truth"])
+    assert "conditional HR (planted), comparison vs_antidepressants" in html
     for comparison in COMPARISONS:
         assert f"<code>{comparison}</code>" in html
     hr = results["comparisons"][2]["analyses"]["matched"]["hr"]
