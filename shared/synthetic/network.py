@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -198,8 +199,6 @@ def generate_network(
         _generate_site(out_dir, site, model, seeds, chunk_size)
         for site, seeds in zip(sites, zip(site_seeds, starters_seeds, strict=True), strict=True)
     ]
-    tallies = {w.site.site_id: w.vs_anaesthetics for w in writers}
-    network, rows, site_of_row = network_cohort(tallies)
     truth = Truth(
         generator_version=GENERATOR_VERSION,
         seed=seed,
@@ -219,16 +218,7 @@ def generate_network(
         anaesthesia_probability=model.anaesthesia_probability,
         edge_case_probabilities=model.edge_case_probabilities,
         sites={site.site_id: _site_truth(site) for site in sites},
-        marginal_effect_in_treated=effect_in_treated(rows),
-        marginal_effect_in_treated_by_site={
-            site_id: effect_in_treated(tally.rows()) for site_id, tally in tallies.items()
-        },
-        expected_cohort={
-            site_id: expected_cohort(tally.n_cud, tally.attrition, tally.rows())
-            for site_id, tally in tallies.items()
-        },
-        expected_cohort_network=network,
-        crude_hr=crude_hazard_ratio(rows, site_of_row),
+        **_cohort_truth({w.site.site_id: w.vs_anaesthetics for w in writers}),
         comparisons={
             "vs_antidepressants": _antidepressant_truth(
                 model, {w.site.site_id: w.vs_antidepressants for w in writers}
@@ -244,7 +234,7 @@ def _antidepressant_truth(
     model: PlantedModel, tallies: dict[str, SiteCohortTally]
 ) -> ComparisonTruth:
     """Comparison B1's planted HR and expected cohorts (per site and network)."""
-    network, rows, site_of_row = network_cohort(tallies)
+    _, rows, _ = network_cohort(tallies)
     missing = rows.covariates[:, COVARIATES.index("depression")] == 0
     return ComparisonTruth(
         comparison_id="vs_antidepressants",
@@ -257,17 +247,26 @@ def _antidepressant_truth(
             "exposed": int((missing & rows.exposed).sum()),
             "comparator": int((missing & ~rows.exposed).sum()),
         },
-        marginal_effect_in_treated=effect_in_treated(rows),
-        marginal_effect_in_treated_by_site={
+        **_cohort_truth(tallies),
+    )
+
+
+def _cohort_truth(tallies: dict[str, SiteCohortTally]) -> dict[str, Any]:
+    """A comparison's answer key from its per-site tallies: the marginal effect in the
+    treated (network and per site), the expected cohort (per site and network), crude HR."""
+    network, rows, site_of_row = network_cohort(tallies)
+    return {
+        "marginal_effect_in_treated": effect_in_treated(rows),
+        "marginal_effect_in_treated_by_site": {
             site_id: effect_in_treated(tally.rows()) for site_id, tally in tallies.items()
         },
-        expected_cohort={
+        "expected_cohort": {
             site_id: expected_cohort(tally.n_cud, tally.attrition, tally.rows())
             for site_id, tally in tallies.items()
         },
-        expected_cohort_network=network,
-        crude_hr=crude_hazard_ratio(rows, site_of_row),
-    )
+        "expected_cohort_network": network,
+        "crude_hr": crude_hazard_ratio(rows, site_of_row),
+    }
 
 
 def _site_truth(site: SiteParameters) -> SiteTruth:
