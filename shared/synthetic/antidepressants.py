@@ -47,7 +47,6 @@ from shared import omop
 from shared.synthetic.days import Days, calendar_year, uniform_day
 from shared.synthetic.events import (
     EDGE_RECORD_PROBABILITY,
-    ENTRY,
     KETAMINE_CODE,
     NOISE_PROBABILITY,
     BlockRecords,
@@ -56,9 +55,9 @@ from shared.synthetic.events import (
     _outside_window,
     _remission_code,
     _routine,
-    _spread,
     _weighted,
     _with_stays,
+    cud_diagnoses,
 )
 from shared.synthetic.model import (
     CONDITION_COVARIATES,
@@ -185,15 +184,6 @@ def simulate_antidepressant_starters(
     )
 
 
-def _diagnoses(rng: np.random.Generator, p: AntidepressantStarters, conditions: _Collector) -> None:
-    """The entry code on the entry date, then repeated CUD codes after it."""
-    entry, last = p.entry, p.last_day
-    conditions.add(np.arange(p.size), entry, ENTRY[p.entry_code])
-    repeats = rng.poisson(1.5, p.size) * (entry < last)
-    person, day = _spread(rng, repeats, entry + 1, np.maximum(last, entry + 1))
-    conditions.add(person, day, _weighted(rng, ENTRY, ENTRY_CODE_WEIGHTS, len(person)))
-
-
 def _covariates(
     rng: np.random.Generator, p: AntidepressantStarters, conditions: _Collector, visits: _Collector
 ) -> None:
@@ -296,7 +286,7 @@ def _remissions(
 def antidepressant_records(rng: np.random.Generator, p: AntidepressantStarters) -> BlockRecords:
     """All condition, visit and drug records of a block of antidepressant starters."""
     conditions, visits, drugs = _Collector(), _Collector(), _Collector()
-    _diagnoses(rng, p, conditions)
+    cud_diagnoses(rng, p, conditions)
     _covariates(rng, p, conditions, visits)
     _routine(rng, conditions, visits, drugs, p.observation_start, p.last_day, np.zeros(p.size))
     _remissions(rng, p, conditions)

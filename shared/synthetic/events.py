@@ -16,6 +16,7 @@ Facts the cohort rules read are written exactly:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -202,7 +203,20 @@ def _routine(
     drugs.add(person, day, OTHER_MEDICATIONS[rng.integers(0, len(OTHER_MEDICATIONS), len(person))])
 
 
-def _cud_diagnoses(rng: np.random.Generator, p: CudPersons, conditions: _Collector) -> None:
+class _Diagnosed(Protocol):
+    """A block of CUD patients: their entry date and code, and their last day."""
+
+    @property
+    def entry(self) -> Days: ...
+    @property
+    def entry_code(self) -> Ints: ...
+    @property
+    def last_day(self) -> Days: ...
+    @property
+    def size(self) -> int: ...
+
+
+def cud_diagnoses(rng: np.random.Generator, p: _Diagnosed, conditions: _Collector) -> None:
     """The entry code on the entry date, then repeated CUD codes after it."""
     entry, last = p.entry, p.last_day
     conditions.add(np.arange(p.size), entry, ENTRY[p.entry_code])
@@ -275,7 +289,7 @@ def _cud_remissions(rng: np.random.Generator, p: CudPersons, conditions: _Collec
 def cud_records(rng: np.random.Generator, p: CudPersons) -> BlockRecords:
     """All condition, visit and drug records of a block of CUD patients."""
     conditions, visits, drugs = _Collector(), _Collector(), _Collector()
-    _cud_diagnoses(rng, p, conditions)
+    cud_diagnoses(rng, p, conditions)
     _cud_covariates(rng, p, conditions, visits)
     emergency_rate = np.where(p.anaesthesia, 0.0, 1.2)  # anaesthesia patients: see above
     _routine(rng, conditions, visits, drugs, p.observation_start, p.last_day, emergency_rate)
