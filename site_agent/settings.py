@@ -49,6 +49,15 @@ class DisclosurePolicy(_Settings):
     )
 
 
+    require_secure_aggregation: bool = Field(
+        default=False,
+        description=(
+            "Refuse model rounds (propensity and crude Cox derivatives) that are not masked sums: "
+            "only studies with secure_aggregation: true can fit models with this site."
+        ),
+    )
+
+
 class SiteSettings(_Settings):
     """Everything one site agent needs to run."""
 
