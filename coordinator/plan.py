@@ -73,7 +73,7 @@ class StudyPlan:
         self._site_ids: list[str] = []
         self.adjusted_error: str | None = None
         self.secure = self.protocol.secure_aggregation
-        self.peer_keys: dict[str, str] = {}  # site id -> public key for this run (secure aggregation)
+        self.peer_keys: dict[str, dict[str, str]] = {}  # site id -> key announcement for this run (secure aggregation)
         self._round_name = ""
         self._unstarted = {fit.task for fit in self.fits if self.secure and not large_scale.waits_for_selection(fit)}
 

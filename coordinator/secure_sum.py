@@ -17,25 +17,27 @@ from shared.privacy.secure_sum import MIN_SITES, MaskContext, load_public_key
 __all__ = ["KEY_TASK", "lost_sites_message", "peer_keys", "unmask"]
 
 
-def peer_keys(study_id: str, site_ids: list[str], summaries: list[dict[str, Any]]) -> dict[str, str]:
-    """Every site's public key from the summary round (site id -> key), checked."""
+def peer_keys(study_id: str, site_ids: list[str], summaries: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Every site's announcement from the summary round (site id -> public key, signature), checked."""
     if len(site_ids) < MIN_SITES:
         raise InsufficientSites(
             f"study {study_id!r} uses secure aggregation, which needs at least {MIN_SITES} sites "
             f"(a sum over one site is that site's values), but only {site_ids} answered. Fix: add a "
             f"site or run the study without secure_aggregation."
         )
-    keys: dict[str, str] = {}
+    keys: dict[str, dict[str, str]] = {}
     for site_id, results in zip(site_ids, summaries, strict=True):
-        key = results.get(KEY_TASK, {}).get("public_key")
+        announced = results.get(KEY_TASK, {})
+        key = announced.get("public_key")
         if not isinstance(key, str):
             raise SecureAggregationError(
                 f"site {site_id!r} announced no secure-aggregation key in the summary round of study "
                 f"{study_id!r}. Fix: run the same fedrwe version at every site."
             )
         load_public_key(key, site_id)
-        keys[site_id] = key
-    if len(set(keys.values())) != len(keys):
+        signature = announced.get("signature")
+        keys[site_id] = {"public_key": key, **({"signature": signature} if isinstance(signature, str) else {})}
+    if len({announced["public_key"] for announced in keys.values()}) != len(keys):
         raise SecureAggregationError(
             f"two sites of study {study_id!r} announced the same secure-aggregation key, so their "
             f"masks would cancel. Fix: rerun the study (every site makes a fresh key)."

@@ -38,7 +38,7 @@ from site_agent.cohort.store import AnalysisDataset, DatasetStore
 from site_agent.data.delta import DeltaBackend, OmopTables
 from site_agent.data.spark import start_spark
 from site_agent.disclosure.guard import compute_tasks, guarded
-from site_agent.secure_aggregation import SecureAggregation
+from site_agent.secure_aggregation import from_settings
 from site_agent.settings import SiteSettings
 
 log = logging.getLogger("fedrwe.site")
@@ -115,7 +115,7 @@ class SiteAgent:
         self._audit = AuditLog(settings.workdir / "audit" / "releases.jsonl")
         self._states: dict[str, _StudyState] = {}
         self._replies: dict[str, bytes] = {}
-        self._secure = SecureAggregation(settings.site_id)
+        self._secure = from_settings(settings.site_id, settings.secure_aggregation)
         self._lock = threading.Lock()
 
     def missing_tables(self) -> list[str]:

@@ -12,22 +12,40 @@ with fewer than two sites; a key list that does not hold this site's own key, or
 changes within a run (a subset of sites); a second, different request under a round name
 already answered (the same masks over other values reveal their difference); and a
 site's own fit (``local_fit``), which is a per-site value.
+
+A coordinator could still put keys of its own in place of the other sites' keys and unmask
+one site. Against that, a site's steward lists the network's sites and their Ed25519 identity
+keys (``roster``): each site signs its run key with its identity key (``identity``), and a
+site with a roster refuses a key list holding a site it does not know or a signature that
+does not verify.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from shared.errors import DisclosureRefused
+from shared.errors import DisclosureRefused, SettingsError
 from shared.privacy.masked_tasks import MASKED_FIELDS, mask_task
-from shared.privacy.secure_sum import MIN_SITES, MaskContext, new_private_key, public_key_text
+from shared.privacy.secure_sum import (
+    MIN_SITES,
+    MaskContext,
+    announcement_bytes,
+    new_private_key,
+    public_key_text,
+)
 from shared.protocol.messages import RoundRequest
 from shared.protocol.model import StudyProtocol
 from site_agent.analyses.release import Release
-from site_agent.settings import DisclosurePolicy
+from site_agent.settings import DisclosurePolicy, SecureAggregationSettings
 
 MODEL_TASKS = frozenset(MASKED_FIELDS)
 _MAX_RUNS = 64  # runs whose keys a site keeps at once; the oldest is forgotten first
@@ -40,10 +58,15 @@ def _run_key(request: RoundRequest) -> str:
 class SecureAggregation:
     """One site's secure-aggregation state: a key pair, the pinned key list and the used rounds per run."""
 
-    def __init__(self, site_id: str) -> None:
+    def __init__(
+        self, site_id: str, identity: Ed25519PrivateKey | None = None,
+        roster: Mapping[str, Ed25519PublicKey] | None = None,
+    ) -> None:
         self.site_id = site_id
+        self.identity = identity
+        self.roster = dict(roster) if roster is not None else None
         self._keys: dict[str, X25519PrivateKey] = {}
-        self._peers: dict[str, dict[str, str]] = {}
+        self._peers: dict[str, dict[str, dict[str, str]]] = {}
         self._rounds: dict[str, dict[str, str]] = {}
 
     def key_release(self, request: RoundRequest) -> Release:
@@ -56,7 +79,12 @@ class SecureAggregation:
                 self._peers.pop(oldest, None)
                 self._rounds.pop(oldest, None)
             self._keys[run] = new_private_key()
-        return Release({"public_key": public_key_text(self._keys[run])})
+        public_key = public_key_text(self._keys[run])
+        values = {"public_key": public_key}
+        if self.identity is not None:
+            signed = announcement_bytes(request.run_id, request.comparison, self.site_id, public_key)
+            values["signature"] = base64.b64encode(self.identity.sign(signed)).decode()
+        return Release(values)
 
     def _refuse(self, request: RoundRequest, why: str, fix: str) -> DisclosureRefused:
         return DisclosureRefused(
@@ -78,7 +106,7 @@ class SecureAggregation:
         if model_tasks:
             self._check_masked(request, peers, model_tasks)
 
-    def _check_masked(self, request: RoundRequest, peers: dict[str, str], model_tasks: list[str]) -> None:
+    def _check_masked(self, request: RoundRequest, peers: dict[str, dict[str, str]], model_tasks: list[str]) -> None:
         run = _run_key(request)
         key = self._keys.get(run)
         if key is None:
@@ -91,8 +119,9 @@ class SecureAggregation:
                 request, f"a masked sum over {len(peers)} site(s) would reveal this site's values",
                 f"run the study with at least {MIN_SITES} sites",
             )
-        if peers.get(self.site_id) != public_key_text(key):
+        if peers.get(self.site_id, {}).get("public_key") != public_key_text(key):
             raise self._refuse(request, "the key list does not hold this site's own key for the run", "rerun the study")
+        self._check_signatures(request, peers)
         pinned = self._peers.setdefault(run, dict(peers))
         if pinned != peers:
             raise self._refuse(
@@ -113,6 +142,28 @@ class SecureAggregation:
                 "give every round of a run its own name",
             )
 
+    def _check_signatures(self, request: RoundRequest, peers: dict[str, dict[str, str]]) -> None:
+        """With a roster: every other site is known and signed its run key with its identity key."""
+        if self.roster is None:
+            return
+        for peer_id, announced in sorted(peers.items()):
+            if peer_id == self.site_id:
+                continue
+            identity = self.roster.get(peer_id)
+            if identity is None:
+                raise self._refuse(
+                    request, f"site {peer_id!r} in the key list is not in this site's roster of peers",
+                    "add the site's identity key to secure_aggregation.peers in site.toml, if it belongs to the network",
+                )
+            signed = announcement_bytes(request.run_id, request.comparison, peer_id, announced.get("public_key", ""))
+            try:
+                identity.verify(base64.b64decode(announced.get("signature", ""), validate=True), signed)
+            except (InvalidSignature, binascii.Error, ValueError):
+                raise self._refuse(
+                    request, f"the run key of site {peer_id!r} is not signed by that site's identity key",
+                    "rerun the study; if it repeats, the coordinator is altering keys",
+                ) from None
+
     def protect(self, request: RoundRequest, values: dict[str, Any]) -> dict[str, Any]:
         """The released values with every model task masked (unchanged in an unmasked round)."""
         peers = request.secure_aggregation_peers
@@ -124,5 +175,39 @@ class SecureAggregation:
             if "withheld" in values[task]:
                 continue  # the site refused to evaluate the model: nothing to mask
             context = MaskContext(request.run_id, request.round_name, task)
-            protected[task] = mask_task(task, values[task], self.site_id, key, peers, context)
+            public_keys = {peer_id: announced["public_key"] for peer_id, announced in peers.items()}
+            protected[task] = mask_task(task, values[task], self.site_id, key, public_keys, context)
         return protected
+
+
+def from_settings(site_id: str, settings: SecureAggregationSettings) -> SecureAggregation:
+    """The site's secure-aggregation state with its identity key and roster from site.toml."""
+    identity = None
+    if settings.identity_key is not None:
+        try:
+            loaded = serialization.load_pem_private_key(settings.identity_key.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as error:
+            raise SettingsError(
+                f"site {site_id!r}: secure_aggregation.identity_key {settings.identity_key} cannot be read as "
+                f"an unencrypted PEM private key ({error}). Fix: point it at the site's Ed25519 key file."
+            ) from None
+        if not isinstance(loaded, Ed25519PrivateKey):
+            raise SettingsError(
+                f"site {site_id!r}: secure_aggregation.identity_key {settings.identity_key} holds a "
+                f"{type(loaded).__name__}, not an Ed25519 key. Fix: generate an Ed25519 key."
+            )
+        identity = loaded
+    roster = None
+    if settings.peers is not None:
+        roster = {peer_id: _identity_key(site_id, peer_id, text) for peer_id, text in settings.peers.items()}
+    return SecureAggregation(site_id, identity, roster)
+
+
+def _identity_key(site_id: str, peer_id: str, text: str) -> Ed25519PublicKey:
+    try:
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError):
+        raise SettingsError(
+            f"site {site_id!r}: secure_aggregation.peers[{peer_id!r}] = {text!r} is not a base64 raw "
+            f"Ed25519 public key (32 bytes). Fix: copy the key that site's steward published."
+        ) from None

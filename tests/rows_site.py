@@ -41,11 +41,11 @@ class RowsSite:
 
     def __init__(
         self, site_id: str, rows: AnalysisRows, protocol: StudyProtocol, policy: DisclosurePolicy,
-        features: ConceptFeatures | None = None,
+        features: ConceptFeatures | None = None, secure: SecureAggregation | None = None,
     ) -> None:
         self.site_id, self.rows, self.protocol, self.policy = site_id, rows, protocol, policy
         self.features = features
-        self.secure = SecureAggregation(site_id)  # keys and one-time masks, as the site agent keeps them
+        self.secure = secure or SecureAggregation(site_id)  # keys and one-time masks, as the site agent keeps them
         self.table = weighted_event_table(rows.time, rows.treatment, rows.event, np.ones(len(rows.time))).table
 
     def rows_with(self, params: dict[str, object]) -> AnalysisRows:

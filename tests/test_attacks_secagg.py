@@ -10,20 +10,28 @@ are tests/rows_site.py's in-memory sites with the real guard and masking code
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.plan import StudyPlan
 from shared.errors import InsufficientSites
 from shared.privacy.fixed_point import decode, encode
 from shared.privacy.masked_tasks import MASKED_FIELDS, flatten
-from shared.privacy.secure_sum import CHECK_ENTRIES, new_private_key, public_key_text, unpack
+from shared.privacy.secure_sum import (
+    CHECK_ENTRIES,
+    announcement_bytes,
+    new_private_key,
+    public_key_text,
+    unpack,
+)
 from shared.protocol.messages import RoundReply, RoundRequest
 from site_agent.analyses.propensity import propensity
 from site_agent.settings import DisclosurePolicy
 from tests.rows_site import RowsSite
-from tests.secure_sites import PLAIN, SECURE, frame_of, sites_of
+from tests.secure_sites import PLAIN, SECURE, frame_of, signed_sites, sites_of
 
 
 def started() -> tuple[list[RowsSite], StudyPlan, RoundRequest]:
@@ -104,21 +112,72 @@ def test_dropping_sites_from_the_key_list_mid_run_is_refused() -> None:
     refused(site.reply(smaller), "the key list changed within the run")
 
 
-def test_a_coordinator_key_in_place_of_another_site_before_the_first_masked_round_is_harmless_for_sums() -> None:
-    """Swapping a peer's key makes the masks not cancel: the sum is garbage and fails its self-check."""
-    sites, plan, request = started()
-    peers = dict(request.secure_aggregation_peers or {})
-    peers["site_2"] = public_key_text(new_private_key())
-    swapped = request.model_copy(update={"secure_aggregation_peers": peers})
-    replies = {s.site_id: s.reply(swapped if s.site_id != "site_2" else request) for s in sites}
-    assert all(r.status == "ok" for r in replies.values())
-    with pytest.raises(Exception, match="failed its self-check"):
-        plan.absorb(replies)
+def coordinator_key(run: RoundRequest, site_id: str, signer: Ed25519PrivateKey | None = None) -> dict[str, str]:
+    """A run key the coordinator holds the private half of, announced under ``site_id``."""
+    public_key = public_key_text(new_private_key())
+    signature = (signer or Ed25519PrivateKey.generate()).sign(
+        announcement_bytes(run.run_id, run.comparison, site_id, public_key),
+    )
+    return {"public_key": public_key, "signature": base64.b64encode(signature).decode()}
+
+
+def signed_start(tmp_path: Path) -> tuple[list[RowsSite], RoundRequest]:
+    sites = signed_sites(frame_of(3), SECURE, tmp_path)
+    plan = StudyPlan(SECURE)
+    first = plan.next_request()
+    assert first is not None
+    plan.absorb({site.site_id: site.reply(first) for site in sites})
+    request = plan.next_request()
+    assert request is not None
+    assert all("signature" in announced for announced in (request.secure_aggregation_peers or {}).values())
+    return sites, request
+
+
+def test_swapping_the_other_sites_keys_for_the_coordinators_own_is_refused_by_a_site_with_a_roster(tmp_path: Path) -> None:
+    """The man in the middle: site_0 would mask only with keys the coordinator can open."""
+    sites, request = signed_start(tmp_path)
+    peers = {
+        **(request.secure_aggregation_peers or {}),
+        "site_1": coordinator_key(request, "site_1"), "site_2": coordinator_key(request, "site_2"),
+    }
+    refused(
+        sites[0].reply(request.model_copy(update={"secure_aggregation_peers": peers})),
+        "the run key of site 'site_1' is not signed by that site's identity key",
+    )
+
+
+def test_a_ghost_site_invented_by_the_coordinator_is_refused_by_a_site_with_a_roster(tmp_path: Path) -> None:
+    """Sybil: a made-up peer whose key the coordinator holds would let it remove that peer's masks."""
+    sites, request = signed_start(tmp_path)
+    ghost = Ed25519PrivateKey.generate()
+    peers = {"site_0": (request.secure_aggregation_peers or {})["site_0"], "site_9": coordinator_key(request, "site_9", ghost)}
+    refused(
+        sites[0].reply(request.model_copy(update={"secure_aggregation_peers": peers})),
+        "site 'site_9' in the key list is not in this site's roster",
+    )
+
+
+def test_an_old_runs_signed_key_replayed_into_a_new_run_is_refused(tmp_path: Path) -> None:
+    """A signature binds a key to its run: one from another run does not verify."""
+    sites, request = signed_start(tmp_path)
+    old_announcement = dict((request.secure_aggregation_peers or {})["site_1"])
+    second = StudyPlan(SECURE)  # a new run with the same sites
+    first = second.next_request()
+    assert first is not None
+    second.absorb({site.site_id: site.reply(first) for site in sites})
+    masked = second.next_request()
+    assert masked is not None
+    assert masked.run_id != request.run_id
+    peers = {**(masked.secure_aggregation_peers or {}), "site_1": old_announcement}
+    refused(
+        sites[0].reply(masked.model_copy(update={"secure_aggregation_peers": peers})),
+        "not signed by that site's identity key",
+    )
 
 
 def test_replacing_the_sites_own_key_is_refused() -> None:
     sites, _, request = started()
-    peers = {**(request.secure_aggregation_peers or {}), "site_0": public_key_text(new_private_key())}
+    peers = {**(request.secure_aggregation_peers or {}), "site_0": {"public_key": public_key_text(new_private_key())}}
     refused(sites[0].reply(request.model_copy(update={"secure_aggregation_peers": peers})), "own key")
 
 
@@ -147,7 +206,7 @@ def test_asking_for_a_sites_own_fit_in_a_masked_round_is_refused() -> None:
 def test_a_degenerate_peer_key_with_a_known_shared_secret_is_refused() -> None:
     sites, _, request = started()
     zero = base64.b64encode(bytes(32)).decode()  # a low-order point: X25519 with it gives all zeros
-    peers = {**(request.secure_aggregation_peers or {}), "site_2": zero}
+    peers = {**(request.secure_aggregation_peers or {}), "site_2": {"public_key": zero}}
     reply = sites[0].reply(request.model_copy(update={"secure_aggregation_peers": peers}))
     refused(reply, "degenerate X25519 point")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from site_agent.analyses.cox import crude_cox
 from site_agent.analyses.propensity import propensity
 from tests.pooled_reference import RELATIVE_TOLERANCE, assert_crude_equals_pooled
 from tests.rows_site import RowsSite
-from tests.secure_sites import PLAIN, SECURE, Exchange, frame_of, run, sites_of
+from tests.secure_sites import PLAIN, SECURE, Exchange, frame_of, run, signed_sites, sites_of
 from tests.test_adjusted_estimators import COVARIATES
 
 SUM_TOLERANCE = 1e-9  # relative, per entry of a secure sum vs the plain float sum (the bound is ~1e-15 absolute)
@@ -138,6 +139,16 @@ def test_secure_estimates_equal_the_plain_run_and_the_pooled_fit(k: int) -> None
     crude = secure.analyses()["crude"]
     assert crude["hr"] == pytest.approx(plain.analyses()["crude"]["hr"], rel=RELATIVE_TOLERANCE)
     assert_crude_equals_pooled(crude, frame)
+
+
+def test_sites_that_sign_their_keys_and_check_a_roster_give_the_same_estimates(tmp_path: Path) -> None:
+    frame = frame_of(3)
+    plain, _ = run(sites_of(frame, PLAIN), PLAIN)
+    signed, exchanges = run(signed_sites(frame, SECURE, tmp_path), SECURE)
+    assert all("signature" in a for a in (exchanges[1].request.secure_aggregation_peers or {}).values())
+    for column, value in plain.propensity()["coefficients"].items():
+        assert signed.propensity()["coefficients"][column] == pytest.approx(value, rel=RELATIVE_TOLERANCE)
+    assert signed.analyses()["crude"]["hr"] == pytest.approx(plain.analyses()["crude"]["hr"], rel=RELATIVE_TOLERANCE)
 
 
 # --- (c) tampering ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from shared.errors import ProtocolError, SecureAggregationError
 from shared.privacy.fixed_point import MODULUS, add, decode, encode, signed
+from shared.protocol.messages import canonical_json
 
 WORD_BYTES = 16  # one entry modulo 2**128
 CHECK_ENTRIES = 2  # the count of sites and the checksum, after the values
@@ -68,6 +69,14 @@ def load_public_key(text: str, site_id: str) -> X25519PublicKey:
             f"the secure-aggregation public key of site {site_id!r} is not 32 bytes of base64 "
             f"X25519 key. Fix: rerun the study so every site announces a fresh key."
         ) from None
+
+
+def announcement_bytes(run_id: str, comparison: str | None, site_id: str, public_key: str) -> bytes:
+    """What a site signs with its identity key: its X25519 key, bound to the run and to itself."""
+    return canonical_json({
+        "purpose": "fedrwe secure aggregation key", "run_id": run_id, "comparison": comparison,
+        "site_id": site_id, "public_key": public_key,
+    })
 
 
 def _keystream(key: bytes, words: int) -> list[int]:
