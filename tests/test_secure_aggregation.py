@@ -225,3 +225,28 @@ def test_secure_aggregation_off_keeps_the_protocol_hash_and_on_changes_it() -> N
     assert PLAIN.sha256() == PLAIN.model_copy(update={"secure_aggregation": False}).sha256()
     assert b"secure_aggregation" not in PLAIN.canonical_bytes()
     assert SECURE.sha256() != PLAIN.sha256()
+
+
+def test_large_scale_covariates_under_secure_aggregation_equal_the_plain_fit() -> None:
+    """The concept list is chosen from the summary round's per-site counts (as without masking);
+    the model over it, with an L2 penalty, then runs on masked sums alone."""
+    from site_agent.settings import DisclosurePolicy
+    from tests.test_adjusted_estimators import make_rows
+    from tests.test_large_scale_covariates import make_concepts, study
+    from tests.test_large_scale_covariates import run as run_large_scale
+    from tests.test_large_scale_covariates import split as split_large_scale
+
+    rows = make_rows(900, whole_days=True, seed=41)
+    frame, pairs = split_large_scale(rows, 3), make_concepts(rows, seed=42)
+    plain_study = study().model_copy(update={"analyses": ["crude", "propensity"]})
+    secure_study = plain_study.model_copy(update={"secure_aggregation": True})
+    policy = DisclosurePolicy(min_cell_count=5)
+    plain, _ = run_large_scale(frame, pairs, plain_study, policy)
+    secure, replies = run_large_scale(frame, pairs, secure_study, policy)
+    expected, got = plain.propensity(), secure.propensity()
+    assert got["large_scale_covariates"]["columns"] == expected["large_scale_covariates"]["columns"]
+    for column, value in expected["coefficients"].items():
+        assert got["coefficients"][column] == pytest.approx(value, rel=RELATIVE_TOLERANCE, abs=1e-12)
+    masked = [r["site_0"].results["propensity"] for r in replies[1:] if "propensity" in r["site_0"].results]
+    assert masked
+    assert all(set(part) == {"masked", "layout"} for part in masked)
