@@ -112,7 +112,7 @@ def test_the_fits_only_ever_see_the_sum_over_sites() -> None:
             params = request.tasks[task]
             per_site = np.array([plain_values(site, task, params) for site in sites])
             summed = np.array(flatten(partials[0], MASKED_FIELDS[task])[0])
-            np.testing.assert_allclose(summed, per_site.sum(axis=0), rtol=SUM_TOLERANCE, atol=1e-9)
+            np.testing.assert_allclose(summed, per_site.sum(axis=0), rtol=SUM_TOLERANCE, atol=1e-12)
             for row in per_site:  # and is no one site's values
                 assert not np.allclose(summed, row)
         calls.clear()
