@@ -17,6 +17,7 @@ import pytest
 import statsmodels.api as sm
 
 from coordinator.plan import StudyPlan
+from coordinator.results import build_results
 from shared.errors import InsufficientSites, SecureAggregationError
 from shared.privacy.fixed_point import FRACTION_BITS, MAX_ABS, add, decode, encode
 from shared.privacy.masked_tasks import MASKED_FIELDS, flatten
@@ -136,6 +137,8 @@ def test_secure_estimates_equal_the_plain_run_and_the_pooled_fit(k: int) -> None
     pooled = sm.Logit(frame.treatment.to_numpy(float), design).fit(disp=0, method="newton", tol=1e-14)
     np.testing.assert_allclose(list(got["coefficients"].values()), pooled.params, rtol=RELATIVE_TOLERANCE)
     np.testing.assert_allclose(list(got["standard_errors"].values()), pooled.bse, rtol=RELATIVE_TOLERANCE)
+    assert build_results(secure, [])["secure_aggregation"]["sites"] == sorted(frame.site_id.unique())
+    assert "secure_aggregation" not in build_results(plain, [])
     crude = secure.analyses()["crude"]
     assert crude["hr"] == pytest.approx(plain.analyses()["crude"]["hr"], rel=RELATIVE_TOLERANCE)
     assert_crude_equals_pooled(crude, frame)
