@@ -90,6 +90,22 @@ def test_one_sites_masked_reply_looks_like_noise_and_never_holds_its_plain_value
                 assert name not in raw
 
 
+def test_masked_words_are_uniform_over_the_whole_modulus() -> None:
+    """Chi-square of the top 4 bits of every masked word a 7-site run sends: plain encodings
+    would sit in the lowest and highest bins only."""
+    from scipy.stats import chisquare
+
+    _, exchanges = run(sites_of(frame_of(7), SECURE), SECURE)
+    words = []
+    for exchange in masked_rounds(exchanges):
+        for reply in exchange.decoded().values():
+            for task in set(reply.results) & set(MASKED_FIELDS):
+                raw = base64.b64decode(reply.results[task]["masked"])
+                words.extend(raw[i] >> 4 for i in range(0, len(raw), WORD_BYTES))
+    assert len(words) > 500
+    assert chisquare(np.bincount(words, minlength=16)).pvalue > 1e-6
+
+
 def _recording(calls: list[tuple[str, list[dict[str, Any]]]], name: str, method: Callable[..., Any]) -> Callable[..., Any]:
     def record(partials: list[dict[str, Any]]) -> Any:
         calls.append((name, partials))
