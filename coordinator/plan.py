@@ -15,6 +15,14 @@ point and, with it, every propensity-score analysis (coordinator/adjusted.py), w
 coordinator then computes without another exchange. With large-scale covariates the
 summary round also brings each site's releasable concepts; the coordinator chooses the
 common list (coordinator/large_scale.py) and the propensity model starts in round 2.
+
+With secure aggregation (``protocol.secure_aggregation``) round 1 carries the summary
+tasks and every site's public key for the run, and no model: every fit starts in round 2
+at its plain start (no sites' own fits, which are per-site values), and every model task
+comes back as masked vectors that the plan unmasks into their sum over sites before a fit
+sees them (coordinator/secure_sum.py). A site lost mid-fit ends the run: the masks of the
+others cannot be removed without it, so the study reruns on the remaining sites with new
+keys (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator import adjusted, large_scale
+from coordinator import adjusted, large_scale, secure_sum
 from coordinator.fits import CrudeCoxFit, PropensityFit, WeightedCoxFit
 from shared.errors import InsufficientSites, SiteError
 from shared.protocol.messages import RoundReply, RoundRequest
@@ -64,18 +72,25 @@ class StudyPlan:
         self._kind = "summary"
         self._site_ids: list[str] = []
         self.adjusted_error: str | None = None
+        self.secure = self.protocol.secure_aggregation
+        self.peer_keys: dict[str, dict[str, str]] = {}  # site id -> key announcement for this run (secure aggregation)
+        self._round_name = ""
+        self._unstarted = {fit.task for fit in self.fits if self.secure and not large_scale.waits_for_selection(fit)}
 
     def next_request(self) -> RoundRequest | None:
         """The next round's request, or None when the study is complete."""
         if self._round == 0:
             tasks: dict[str, dict[str, Any]] = {task: {} for task in _SUMMARY_TASKS}
-            tasks.update({fit.task: fit.first_params() for fit in self.fits if not large_scale.waits_for_selection(fit)})
+            if self.secure:
+                tasks[secure_sum.KEY_TASK] = {}
+            else:
+                tasks.update({fit.task: fit.first_params() for fit in self.fits if not large_scale.waits_for_selection(fit)})
             if self.protocol.large_scale_covariates is not None:
                 tasks[large_scale.CONCEPT_TASK] = {}
             return self._request("summary", tasks)
         pending = [fit for fit in self.fits if not fit.converged]
         if pending:
-            return self._request("newton", {fit.task: fit.next_params() for fit in pending})
+            return self._request("newton", {fit.task: self._fit_params(fit) for fit in pending})
         if self.propensity_fit is None or self.propensity_fit.error is not None:
             return None
         if not self._final_round_done:
@@ -87,6 +102,13 @@ class StudyPlan:
         if cox_pending:
             return self._request("cox", {WeightedCoxFit.task: {"propensity": self._adjusted_params(), "fits": cox_pending}})
         return None
+
+    def _fit_params(self, fit: CrudeCoxFit | PropensityFit) -> dict[str, Any]:
+        """A fit's next point; under secure aggregation its first point, without the sites' own fits."""
+        if not self.secure:
+            return fit.next_params()
+        params = fit.first_params() if fit.task in self._unstarted else fit.next_params()
+        return {name: value for name, value in params.items() if name != "local_fit"}
 
     def _adjusted_params(self) -> dict[str, Any]:
         assert self.propensity_fit is not None
@@ -102,15 +124,17 @@ class StudyPlan:
     def _request(self, name: str, tasks: dict[str, dict[str, Any]]) -> RoundRequest:
         self._kind = name
         prefix = f"{self.comparison}/" if self.comparison else ""
+        self._round_name = f"{prefix}{self._round + 1}-{name}"
         return RoundRequest(
             study_id=self.study.study_id,
             run_id=self.run_id,
-            round_name=f"{prefix}{self._round + 1}-{name}",
+            round_name=self._round_name,
             round_index=self._round + 1,
             protocol=self.study.model_dump(mode="json"),
             protocol_sha256=self.study.sha256(),
             comparison=self.comparison,
             tasks=tasks,
+            secure_aggregation_peers=dict(self.peer_keys) if self.secure and self._round > 0 else None,
         )
 
     def absorb(self, replies: dict[str, RoundReply]) -> None:
@@ -120,6 +144,8 @@ class StudyPlan:
                 raise SiteError(site_id, reply.error or f"status {reply.status} without a reason")
         if not replies:
             raise InsufficientSites(f"study {self.protocol.study_id!r}: no site answered")
+        if self._round > 0 and set(replies) != set(self.sites) and self.secure:
+            raise InsufficientSites(secure_sum.lost_sites_message(self.protocol.study_id, self._round_name, self.sites, replies))
         if self._round > 0 and set(replies) != set(self.sites):
             raise InsufficientSites(
                 f"study {self.protocol.study_id!r}: round {self._round + 1} got replies from "
@@ -132,11 +158,15 @@ class StudyPlan:
             self._absorb_summaries(replies, ordered)
         elif self._kind == "newton":
             for fit in self.fits:
-                if fit.task in ordered[0] and (partials := self._usable(fit, [r[fit.task] for r in ordered])):
-                    fit.absorb(partials)
+                if fit.task in ordered[0] and (partials := self._model_partials(fit, [r[fit.task] for r in ordered])):
+                    if fit.task in self._unstarted:
+                        self._unstarted.discard(fit.task)
+                        fit.warm_start(partials)  # no sites' own fits: one Newton step from the start
+                    else:
+                        fit.absorb(partials)
         elif self._kind == "adjusted":
             assert self.propensity_fit is not None
-            if partials := self._usable(self.propensity_fit, [r["propensity"] for r in ordered]):
+            if partials := self._model_partials(self.propensity_fit, [r["propensity"] for r in ordered]):
                 self.propensity_fit.finish(partials)
             if "adjusted" in ordered[0] and self.propensity_fit.error is None:
                 withheld = self._withheld([r["adjusted"] for r in ordered])
@@ -161,6 +191,8 @@ class StudyPlan:
     def _absorb_summaries(self, replies: dict[str, RoundReply], ordered: list[dict[str, Any]]) -> None:
         for site_id in sorted(replies):
             self._absorb_summary(site_id, replies[site_id].results)
+        if self.secure:
+            self.peer_keys = secure_sum.peer_keys(self.protocol.study_id, self._site_ids, ordered)
         self.event_tables = all(site["provenance"].get("event_tables_allowed", True) for site in self.sites.values())
         without_events = [arm for arm in _ARMS if sum(s[f"events_{arm}"] for s in self.sites.values()) == 0]
         if without_events:
@@ -174,7 +206,7 @@ class StudyPlan:
                 fit.choose(large_scale.select_concepts(
                     self._site_ids, [r[large_scale.CONCEPT_TASK] for r in ordered], fit.max_covariates,
                 ))
-            elif not fit.converged and (partials := self._usable(fit, [r[fit.task] for r in ordered])):
+            elif not self.secure and not fit.converged and (partials := self._usable(fit, [r[fit.task] for r in ordered])):
                 fit.warm_start(partials)
 
     def _withheld(self, partials: list[dict[str, Any]]) -> str:
@@ -191,6 +223,13 @@ class StudyPlan:
             fit.give_up(f"no estimate: withheld by {withheld}")
             return []
         return partials
+
+    def _model_partials(self, fit: CrudeCoxFit | PropensityFit, partials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The sites' partials of a model task; under secure aggregation, their unmasked sum alone."""
+        usable = self._usable(fit, partials)
+        if not usable or not self.secure:
+            return usable
+        return [secure_sum.unmask(fit.task, self.run_id, self._round_name, self._site_ids, usable)]
 
     def _absorb_adjusted(self, partials: list[dict[str, Any]], site_ids: list[str]) -> None:
         """With event tables everything is central now; without, weighted Cox fits start."""

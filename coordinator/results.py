@@ -36,6 +36,10 @@ def comparison_results(plan: StudyPlan, rounds: list[dict[str, Any]]) -> dict[st
         "analyses": plan.analyses(),
         **({"propensity": propensity} if (propensity := plan.propensity()) is not None else {}),
         **plan.extras(),
+        **({"secure_aggregation": {
+            "masked_tasks": ["propensity", "crude_cox"], "sites": sorted(plan.peer_keys),
+            "note": "model rounds reached the coordinator only as sums over these sites (docs/privacy.md)",
+        }} if plan.secure else {}),
         "rounds": rounds,
     }
 

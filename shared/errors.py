@@ -14,6 +14,7 @@ field), *what* (the value) and *the fix*.
      +-- DisclosureRefused      the site's disclosure guard refused a release
      +-- InsufficientSites      too few sites answered a round
      +-- ConvergenceError       an iterative fit did not converge
+     +-- SecureAggregationError a masked sum cannot be unmasked or fails its self-check
      +-- SiteError              a site answered a round with an error
      +-- TransportError         a process, port or message could not be used
      +-- InvalidEnvelope        a message failed verification (opaque on purpose)
@@ -127,6 +128,10 @@ class InsufficientSites(FedRWEError):
 
 class ConvergenceError(FedRWEError):
     """An iterative estimator did not converge."""
+
+
+class SecureAggregationError(FedRWEError):
+    """A masked (secure-aggregation) sum is incomplete, inconsistent or fails its self-check."""
 
 
 class SiteError(FedRWEError):

@@ -16,6 +16,7 @@ from pyspark.sql import SparkSession
 
 from shared.errors import DisclosureRefused, FedRWEError, ProtocolError
 from shared.omop import STUDY_TABLES
+from shared.privacy.masked_tasks import KEY_TASK
 from shared.protocol.messages import RoundReply, RoundRequest, decode_request, is_ping
 from shared.protocol.model import StudyProtocol, parse_protocol
 from shared.stats.cox import EventTable
@@ -37,6 +38,7 @@ from site_agent.cohort.store import AnalysisDataset, DatasetStore
 from site_agent.data.delta import DeltaBackend, OmopTables
 from site_agent.data.spark import start_spark
 from site_agent.disclosure.guard import compute_tasks, guarded
+from site_agent.secure_aggregation import from_settings
 from site_agent.settings import SiteSettings
 
 log = logging.getLogger("fedrwe.site")
@@ -94,6 +96,8 @@ _TASKS_OF_ANALYSIS = {
 def allowed_tasks(protocol: StudyProtocol) -> frozenset[str]:
     """The partial computations a protocol's analyses need; nothing else runs."""
     allowed = _ALWAYS_ALLOWED.union(*(_TASKS_OF_ANALYSIS[name] for name in protocol.analyses))
+    if protocol.secure_aggregation:
+        allowed |= {KEY_TASK}
     return allowed | {CONCEPT_TASK} if protocol.large_scale_covariates is not None else allowed
 
 
@@ -111,6 +115,7 @@ class SiteAgent:
         self._audit = AuditLog(settings.workdir / "audit" / "releases.jsonl")
         self._states: dict[str, _StudyState] = {}
         self._replies: dict[str, bytes] = {}
+        self._secure = from_settings(settings.site_id, settings.secure_aggregation)
         self._lock = threading.Lock()
 
     def missing_tables(self) -> list[str]:
@@ -155,7 +160,7 @@ class SiteAgent:
             released = guarded(lambda: self._compute(request), self.settings.policy, self.site_id)
             reply = RoundReply(
                 status="ok", site_id=self.site_id, study_id=request.study_id,
-                round_name=request.round_name, results=released.values,
+                round_name=request.round_name, results=self._secure.protect(request, released.values),
             )
             withheld = released.withheld  # parts withheld for small counts: values stay in the log
             decision = "released" if not withheld else "released with parts withheld"
@@ -236,6 +241,7 @@ class SiteAgent:
 
     def _compute(self, request: RoundRequest) -> dict[str, Release]:
         protocol = self._protocol(request)
+        self._secure.check(request, protocol, self.settings.policy)
         state = self._state(protocol)
         limit = self.settings.policy.max_abs_coefficient
         policy = self.settings.policy
@@ -252,6 +258,7 @@ class SiteAgent:
             "weighted_cox": lambda params: weighted_cox(
                 state.rows_with(params["propensity"], min_cell_count), protocol, params, limit,
             ),
+            KEY_TASK: lambda params: self._secure.key_release(request),
             CONCEPT_TASK: lambda params: concept_counts(state.features, len(state.rows.person_id), min_cell_count),
             "provenance": lambda params: Release({
                 "input_versions": state.dataset.input_versions,

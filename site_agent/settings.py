@@ -49,6 +49,35 @@ class DisclosurePolicy(_Settings):
     )
 
 
+    require_secure_aggregation: bool = Field(
+        default=False,
+        description=(
+            "Refuse model rounds (propensity and crude Cox derivatives) that are not masked sums: "
+            "only studies with secure_aggregation: true can fit models with this site."
+        ),
+    )
+
+
+class SecureAggregationSettings(_Settings):
+    """Who this site masks with: its own identity key and the network's sites (its roster)."""
+
+    identity_key: Path | None = Field(
+        default=None,
+        description=(
+            "PEM file (PKCS8, unencrypted) of this site's Ed25519 identity key, which signs its "
+            "secure-aggregation key of every run so that peers can check it came from this site."
+        ),
+    )
+    peers: dict[str, str] | None = Field(
+        default=None,
+        description=(
+            "The network's sites (site id -> base64 raw Ed25519 identity public key), from their "
+            "stewards. When set, a masked round naming a site not listed, or whose run key is not "
+            "signed by it, is refused (a coordinator cannot swap keys). Unset: keys are not checked."
+        ),
+    )
+
+
 class SiteSettings(_Settings):
     """Everything one site agent needs to run."""
 
@@ -65,6 +94,7 @@ class SiteSettings(_Settings):
     port: int = Field(default=8801, ge=1, le=65_535, description="Port of the site service.")
     spark: SparkSettings = SparkSettings()
     policy: DisclosurePolicy = DisclosurePolicy()
+    secure_aggregation: SecureAggregationSettings = SecureAggregationSettings()
 
 
 def load_site_settings(path: str | Path) -> SiteSettings:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from shared.errors import FedRWEError
+from shared.privacy.masked_tasks import KEY_TASK
 from shared.protocol.messages import RoundReply, RoundRequest
 from shared.protocol.model import StudyProtocol
 from shared.stats.stratified_cox import weighted_event_table
@@ -22,6 +23,7 @@ from site_agent.analyses.propensity import propensity
 from site_agent.analyses.release import Release
 from site_agent.analyses.rows import AnalysisRows
 from site_agent.disclosure.guard import compute_tasks, guarded
+from site_agent.secure_aggregation import SecureAggregation
 from site_agent.settings import DisclosurePolicy
 
 
@@ -39,10 +41,11 @@ class RowsSite:
 
     def __init__(
         self, site_id: str, rows: AnalysisRows, protocol: StudyProtocol, policy: DisclosurePolicy,
-        features: ConceptFeatures | None = None,
+        features: ConceptFeatures | None = None, secure: SecureAggregation | None = None,
     ) -> None:
         self.site_id, self.rows, self.protocol, self.policy = site_id, rows, protocol, policy
         self.features = features
+        self.secure = secure or SecureAggregation(site_id)  # keys and one-time masks, as the site agent keeps them
         self.table = weighted_event_table(rows.time, rows.treatment, rows.event, np.ones(len(rows.time))).table
 
     def rows_with(self, params: dict[str, object]) -> AnalysisRows:
@@ -67,12 +70,15 @@ class RowsSite:
             "adjusted": lambda p: adjusted(self.rows_with(p), self.protocol, p, limit, cells,
                                            self.policy.event_tables and bool(p.get("event_tables", True))),
             "weighted_cox": lambda p: weighted_cox(self.rows_with(p["propensity"]), self.protocol, p, limit),
+            KEY_TASK: lambda p: self.secure.key_release(request),
         }
         if self.features is not None:
             features, n = self.features, len(self.rows.person_id)
             partials["large_scale_concepts"] = lambda p: concept_counts(features, n, cells)
         try:
+            self.secure.check(request, self.protocol, self.policy)
             results = guarded(lambda: compute_tasks(partials, request.tasks), self.policy, self.site_id).values
+            results = self.secure.protect(request, results)
         except FedRWEError as error:
             return RoundReply(status="error", site_id=self.site_id, error=str(error))
         return RoundReply(status="ok", site_id=self.site_id, results=results)

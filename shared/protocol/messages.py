@@ -45,6 +45,14 @@ class RoundRequest(_Message):
         default=None, description="Which of the protocol's comparisons (None: its only one).",
     )
     tasks: dict[str, dict[str, Any]] = Field(description="Partial computation name -> inputs.")
+    secure_aggregation_peers: dict[str, dict[str, str]] | None = Field(
+        default=None,
+        description=(
+            "In a masked round of a study with secure aggregation: every site's announcement for the "
+            "run (site id -> {public_key: base64 X25519 key, signature: base64 Ed25519 signature when "
+            "the site signs}); the model tasks come back as masked vectors."
+        ),
+    )
 
 
 class RoundReply(_Message):

@@ -394,6 +394,14 @@ class StudyProtocol(_Strict):
         default=None, description="Days splitting follow-up into windows for the PH check (default: thirds).",
     )
     analyses: list[AnalysisName] = Field(min_length=1)
+    secure_aggregation: bool = Field(
+        default=False,
+        description=(
+            "Model rounds (propensity and crude Cox derivatives) travel as pairwise-masked sums: "
+            "the coordinator learns only their sum over sites. Allows the crude and propensity "
+            "analyses only (docs/privacy.md)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> StudyProtocol:
@@ -416,6 +424,11 @@ class StudyProtocol(_Strict):
         self._check_large_scale(columns)
         if adjusted and not self.covariates and self.large_scale_covariates is None:
             raise ValueError(f"analyses {adjusted} need covariates for the propensity model; add some")
+        if adjusted and self.secure_aggregation:
+            raise ValueError(
+                f"analyses {adjusted} need per-site matching, balance and event tables, which secure "
+                f"aggregation does not release; with secure_aggregation: true use analyses crude and propensity"
+            )
         if len(set(self.analyses)) != len(self.analyses):
             raise ValueError(f"analyses {self.analyses} repeat a name; list each once")
         self._follow_up_days_fit()
@@ -602,6 +615,7 @@ _ADDED_SINCE_SCHEMA_1: tuple[tuple[tuple[str, ...], object], ...] = (
     (("time_at_risk", "start_anchor"), "cohort_start"),
     (("time_at_risk", "end_anchor"), "cohort_start"),
     (("study_population", "censor_at_death"), True),
+    (("secure_aggregation",), False),
 )
 
 
