@@ -191,6 +191,31 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+def issue_server_cert(
+    ca_cert: Path,
+    ca_key: Path,
+    hosts: Sequence[str],
+    cert_out: Path,
+    key_out: Path,
+    *,
+    force: bool = False,
+    clock: Clock = _utcnow,
+) -> x509.Certificate:
+    """Sign a new SuperLink certificate with an existing CA (host moved, or expiry near).
+
+    The sites keep trusting the same ``ca.pem``; only the SuperLink's files change.
+    """
+    _refuse_overwrite([cert_out, key_out], force)
+    ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    signer = serialization.load_pem_private_key(ca_key.read_bytes(), None)
+    if not isinstance(signer, ec.EllipticCurvePrivateKey):
+        raise SettingsError(f"{ca_key} is not an EC private key. Fix: use the ca.key made by `fedrwe pki init`.")
+    key, cert = make_server_cert(hosts, signer, ca, clock)
+    _write_private(key_out, _pem_key(key))
+    _write_public(cert_out, cert.public_bytes(serialization.Encoding.PEM))
+    return cert
+
+
 def _cert_entry(path: Path, cert: x509.Certificate) -> dict[str, object]:
     return {
         "path": path.name,
