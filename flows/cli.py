@@ -54,13 +54,16 @@ def simulate(
     prefect_api_url: Annotated[
         str | None, typer.Option(envvar="PREFECT_API_URL", help="Use this Prefect server instead of starting one.")
     ] = None,
+    insecure_transport: Annotated[
+        bool, typer.Option(help="Plain HTTP and no SuperNode authentication (debugging only).")
+    ] = False,
 ) -> None:
     """Generate a synthetic network, start every process on 127.0.0.1, run the study, stop all."""
     from flows.simulate import SimulationSettings, run_simulation
 
     settings = SimulationSettings(
         out=out, sites=sites, patients=patients, seed=seed, protocol=protocol,
-        prefect_api_url=prefect_api_url,
+        prefect_api_url=prefect_api_url, insecure_transport=insecure_transport,
     )
     run_simulation(settings, console=Console())
 
@@ -186,6 +189,21 @@ def pki_init(
     for site_id, files in pki.sites.items():
         console_out.print(f"SuperNode key of {site_id}: {files.private_key} (register {files.public_key})")
     console_out.print(f"manifest: {pki.manifest}; keep ca.key offline, it signs the SuperLink's certificates")
+
+
+@pki_app.command("server-cert")
+def pki_server_cert(
+    pki: Annotated[Path, typer.Option(help="The folder of `fedrwe pki init` (ca.pem, ca.key).")],
+    host: Annotated[list[str], typer.Option(help="Name or IP the new certificate covers (repeatable).")],
+    force: Annotated[bool, typer.Option(help="Replace the existing superlink.pem/.key.")] = False,
+) -> None:
+    """Re-issue the SuperLink's certificate with the same CA (new host, or before it expires)."""
+    from shared.pki import issue_server_cert
+
+    cert = issue_server_cert(pki / "ca.pem", pki / "ca.key", host, pki / "superlink.pem",
+                             pki / "superlink.key", force=force)
+    Console().print(f"{pki / 'superlink.pem'} for {', '.join(host)}, valid until {cert.not_valid_after_utc:%Y-%m-%d}; "
+                    "restart flower-superlink to use it (sites keep their ca.pem)")
 
 
 @pki_app.command("site-key")
