@@ -394,8 +394,9 @@ class LocalNetwork:
         else:
             self._start_prefect(prefect_port)
         if not self.insecure and self.pki is None:
+            t_pki = time.monotonic()
             self.pki = make_run_pki(self.run_dir / "pki", self.sites)
-            self.startup_seconds["pki"] = time.monotonic() - t0
+            self.startup_seconds["pki"] = time.monotonic() - t_pki
         self._start_superlink()
         self._write_cli_config()
         for site, (service_port, _) in zip(self.sites, site_ports, strict=True):
