@@ -3,7 +3,9 @@
     fedrwe simulate --sites 3 --patients 30000 --seed 7 --out out/demo
     fedrwe site serve --config site.toml
     fedrwe site ingest --omop export/ --config site.toml [--care-site ID] [--strict]
-    fedrwe study run studies/ketamine_cud.yaml --superlink 127.0.0.1:9093 --out out/study
+    fedrwe study run studies/ketamine_cud.yaml --superlink 127.0.0.1:9093 --root-certificates pki/ca.pem --out out/study
+    fedrwe pki init --out pki --host superlink.example.org [--sites site_01,site_02]
+    fedrwe pki site-key --out keys --site site_01
     fedrwe protocol check studies/ketamine_cud.yaml
 
 Site commands import only the site agent (no Prefect); study commands only the
@@ -27,9 +29,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Federated re
 site_app = typer.Typer(no_args_is_help=True, help="Commands a hospital runs.")
 study_app = typer.Typer(no_args_is_help=True, help="Commands a study lead runs.")
 protocol_app = typer.Typer(no_args_is_help=True, help="Study protocols.")
+pki_app = typer.Typer(no_args_is_help=True, help="Transport keys: TLS for the SuperLink, SuperNode keys.")
 app.add_typer(site_app, name="site")
 app.add_typer(study_app, name="study")
 app.add_typer(protocol_app, name="protocol")
+app.add_typer(pki_app, name="pki")
 
 console = Console(stderr=True)
 _state = {"debug": False}
@@ -50,13 +54,16 @@ def simulate(
     prefect_api_url: Annotated[
         str | None, typer.Option(envvar="PREFECT_API_URL", help="Use this Prefect server instead of starting one.")
     ] = None,
+    insecure_transport: Annotated[
+        bool, typer.Option(help="Plain HTTP and no SuperNode authentication (debugging only).")
+    ] = False,
 ) -> None:
     """Generate a synthetic network, start every process on 127.0.0.1, run the study, stop all."""
     from flows.simulate import SimulationSettings, run_simulation
 
     settings = SimulationSettings(
         out=out, sites=sites, patients=patients, seed=seed, protocol=protocol,
-        prefect_api_url=prefect_api_url,
+        prefect_api_url=prefect_api_url, insecure_transport=insecure_transport,
     )
     run_simulation(settings, console=Console())
 
@@ -116,11 +123,20 @@ def study_run(
     prefect_api_url: Annotated[
         str | None, typer.Option(envvar="PREFECT_API_URL", help="Prefect server the study reports to.")
     ] = None,
+    root_certificates: Annotated[
+        Path | None, typer.Option(help="The federation's CA certificate (ca.pem): the SuperLink's TLS is checked against it.")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="Plain HTTP, for a SuperLink started with --insecure (debugging only).")
+    ] = False,
 ) -> None:
     """Submit a study to a running SuperLink and follow it to the end."""
     from flows.submit import run_study_on_superlink
 
-    results = run_study_on_superlink(protocol, superlink, out, min_sites, prefect_api_url)
+    results = run_study_on_superlink(
+        protocol, superlink, out, min_sites, prefect_api_url,
+        root_certificates=root_certificates, insecure=insecure,
+    )
     from flows.summary import print_estimates
 
     print_estimates(Console(), results)
@@ -148,6 +164,61 @@ def protocol_schema(
         print(text, end="")
     else:
         out.write_text(text, encoding="utf-8")
+
+
+@pki_app.command("init")
+def pki_init(
+    out: Annotated[Path, typer.Option(help="Folder for ca.pem/.key, superlink.pem/.key and manifest.json.")],
+    host: Annotated[str, typer.Option(help="The SuperLink's address as sites dial it (IP or DNS name).")] = "127.0.0.1",
+    extra_host: Annotated[
+        list[str] | None, typer.Option(help="Another name or IP the certificate must cover (repeatable).")
+    ] = None,
+    sites: Annotated[
+        str, typer.Option(help="Comma-separated site ids to make SuperNode keys for (test networks only).")
+    ] = "",
+    force: Annotated[bool, typer.Option(help="Replace existing key files.")] = False,
+) -> None:
+    """The network operator's keys: a CA and the SuperLink's TLS certificate for --host."""
+    from shared.pki import init_network
+
+    site_ids = [s.strip() for s in sites.split(",") if s.strip()]
+    pki = init_network(out, host=host, extra_hosts=extra_host or [], sites=site_ids, force=force)
+    console_out = Console()
+    console_out.print(f"CA certificate (give to every site and study lead): {pki.ca_cert}")
+    console_out.print(f"SuperLink certificate for {host}: {pki.server_cert} (key {pki.server_key}, 0600)")
+    for site_id, files in pki.sites.items():
+        console_out.print(f"SuperNode key of {site_id}: {files.private_key} (register {files.public_key})")
+    console_out.print(f"manifest: {pki.manifest}; keep ca.key offline, it signs the SuperLink's certificates")
+
+
+@pki_app.command("server-cert")
+def pki_server_cert(
+    pki: Annotated[Path, typer.Option(help="The folder of `fedrwe pki init` (ca.pem, ca.key).")],
+    host: Annotated[list[str], typer.Option(help="Name or IP the new certificate covers (repeatable).")],
+    force: Annotated[bool, typer.Option(help="Replace the existing superlink.pem/.key.")] = False,
+) -> None:
+    """Re-issue the SuperLink's certificate with the same CA (new host, or before it expires)."""
+    from shared.pki import issue_server_cert
+
+    cert = issue_server_cert(pki / "ca.pem", pki / "ca.key", host, pki / "superlink.pem",
+                             pki / "superlink.key", force=force)
+    Console().print(f"{pki / 'superlink.pem'} for {', '.join(host)}, valid until {cert.not_valid_after_utc:%Y-%m-%d}; "
+                    "restart flower-superlink to use it (sites keep their ca.pem)")
+
+
+@pki_app.command("site-key")
+def pki_site_key(
+    out: Annotated[Path, typer.Option(help="Folder for <site>.key (0600) and <site>.pub.")],
+    site: Annotated[str, typer.Option(help="This site's id, e.g. site_01.")],
+    force: Annotated[bool, typer.Option(help="Replace an existing key pair.")] = False,
+) -> None:
+    """A site's own SuperNode key pair; send only the .pub file to the network operator."""
+    from shared.pki import init_site_key
+
+    files = init_site_key(out, site, force=force)
+    console_out = Console()
+    console_out.print(f"private key (stays here; flower-supernode --auth-supernode-private-key): {files.private_key}")
+    console_out.print(f"public key (send to the operator for `flwr supernode register`): {files.public_key}")
 
 
 def main() -> None:

@@ -42,15 +42,26 @@ class FlowerRun:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def write_cli_config(flwr_home: Path, superlink_address: str, connection: str = CONNECTION_NAME) -> None:
-    """The ``flwr`` CLI's config naming one SuperLink connection (insecure for now)."""
+def write_cli_config(
+    flwr_home: Path,
+    superlink_address: str,
+    connection: str = CONNECTION_NAME,
+    *,
+    root_certificates: Path | None = None,
+) -> None:
+    """The ``flwr`` CLI's config naming one SuperLink connection.
+
+    With ``root_certificates`` (the federation's ``ca.pem``) the CLI speaks TLS and
+    accepts only a SuperLink certificate that CA signed for that address; without it
+    the connection is plain HTTP, for a SuperLink started with ``--insecure``.
+    """
     flwr_home.mkdir(parents=True, exist_ok=True)
-    config = {
-        "superlink": {
-            "default": connection,
-            connection: {"address": superlink_address, "insecure": True},
-        }
-    }
+    link: dict[str, str | bool] = {"address": superlink_address}
+    if root_certificates is None:
+        link["insecure"] = True
+    else:
+        link["root-certificates"] = str(Path(root_certificates).resolve())
+    config = {"superlink": {"default": connection, connection: link}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
 
 

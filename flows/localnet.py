@@ -5,9 +5,14 @@ exception, on Ctrl-C or SIGTERM) always stops:
 
 1. a Prefect server (``prefect server start``) with its own ``PREFECT_HOME`` under the
    run dir, unless ``prefect_api_url`` points at a running one;
-2. one ``flower-superlink`` (insecure, no runtime dependency installation);
+2. one ``flower-superlink`` (no runtime dependency installation) with TLS and SuperNode
+   authentication: ``fedrwe pki init`` material is made in ``<run_dir>/pki`` (fresh at
+   every start), the SuperLink serves HTTPS with ``pki/superlink.pem`` and accepts only
+   SuperNodes whose public key was registered (``flwr supernode register``) before they
+   connect; ``insecure=True`` turns both off, for debugging only;
 3. per site: the site service (an argv the caller gives) and one ``flower-supernode``
-   whose ``--node-config`` carries ``site-id`` and ``service-url``.
+   whose ``--node-config`` carries ``site-id`` and ``service-url``, trusting only the
+   run's CA (``--root-certificates``) and signing in with its own key.
 
 Every process logs to ``<run_dir>/logs/<name>.log``; each start-up time is kept in
 ``startup_seconds``. Stopping kills whole process trees: the SuperLink starts its
@@ -29,6 +34,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -43,6 +49,7 @@ import httpx
 import psutil
 
 from shared.errors import TransportError
+from shared.pki import NetworkPki, init_network
 
 if TYPE_CHECKING:
     from flows.flower_runs import FlowerRun
@@ -278,6 +285,9 @@ class LocalNetwork:
         prefect_home: the started server's PREFECT_HOME (default ``run_dir/prefect_home``);
             reuse one to keep flow-run history and skip the ~5 s database set-up.
         start_timeout_s: how long each process may take to become ready.
+        insecure: no TLS and no SuperNode authentication (debugging only; off by default).
+        pki: use these keys instead of making fresh ones in ``run_dir/pki``; its
+            ``sites`` must hold a key pair for every site.
 
     After start: ``prefect_api_url``, ``superlink_address``, ``node_ids`` (site id ->
     Flower node id), ``startup_seconds`` (process name -> seconds, plus ``total``).
@@ -293,6 +303,8 @@ class LocalNetwork:
         prefect_home: Path | None = None,
         superlink_port: int | None = None,
         start_timeout_s: float = 90.0,
+        insecure: bool = False,
+        pki: NetworkPki | None = None,
     ) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.prefect_home = Path(prefect_home or self.run_dir / "prefect_home").resolve()
@@ -309,6 +321,9 @@ class LocalNetwork:
         self._stopped = True
         self.killed_on_stop: list[str] = []  # processes that ignored SIGTERM for STOP_GRACE_S
         self.stop_seconds = 0.0
+        self.insecure = insecure
+        self.pki = None if insecure else pki
+        self.registered_node_ids: dict[str, int] = {}  # site id -> node id given at registration
 
     # -- context manager
     def __enter__(self) -> LocalNetwork:
@@ -324,6 +339,11 @@ class LocalNetwork:
     ) -> None:
         """Stop every process, whatever happened inside the block."""
         self.stop()
+
+    @property
+    def cli_flwr_home(self) -> Path:
+        """FLWR_HOME of the ``flwr`` CLI: its config names this SuperLink (and its CA)."""
+        return self.run_dir / "flwr_home" / "cli"
 
     @property
     def superlink_address(self) -> str:
@@ -373,12 +393,22 @@ class LocalNetwork:
             _check_external_prefect(self.prefect_api_url)
         else:
             self._start_prefect(prefect_port)
+        if not self.insecure and self.pki is None:
+            t_pki = time.monotonic()
+            self.pki = make_run_pki(self.run_dir / "pki", self.sites)
+            self.startup_seconds["pki"] = time.monotonic() - t_pki
         self._start_superlink()
         self._write_cli_config()
-        for site, (service_port, supernode_port) in zip(self.sites, site_ports, strict=True):
-            self._start_site(site, service_port, supernode_port)
-        with httpx.Client(timeout=1.0) as client:  # one client: no SSL context per probe
-            probes = {"superlink": _http_probe(client, f"http://{self.superlink_address}/health")}
+        for site, (service_port, _) in zip(self.sites, site_ports, strict=True):
+            self._start_service(site, service_port)
+        with httpx.Client(timeout=1.0, verify=self._verify()) as client:  # one SSL context
+            probes = {"superlink": _http_probe(client, f"{self._superlink_url}/health")}
+            if not self.insecure:  # keys are registered before any SuperNode connects
+                self._wait_ready(probes)
+                self._register_sites()
+                probes = {}
+            for site, (service_port, supernode_port) in zip(self.sites, site_ports, strict=True):
+                self._start_supernode(site, service_port, supernode_port)
             if "prefect-server" in self.processes:
                 probes["prefect-server"] = _http_probe(client, f"{self.prefect_api_url}/health")
             for site, (service_port, _) in zip(self.sites, site_ports, strict=True):
@@ -431,7 +461,7 @@ class LocalNetwork:
     def _start_superlink(self) -> None:
         home = self.run_dir / "flwr_home" / "superlink"
         home.mkdir(parents=True, exist_ok=True)
-        argv = [executable("flower-superlink"), "--insecure"]
+        argv = [executable("flower-superlink"), *superlink_security_argv(self.pki)]
         argv += ["--disable-runtime-dependency-installation"]
         argv += ["--host", HOST, "--port", str(self.superlink_port)]
         env = self._env(
@@ -439,16 +469,18 @@ class LocalNetwork:
         )
         self._spawn("superlink", argv, env)
 
-    def _start_site(self, site: SiteSpec, service_port: int, supernode_port: int) -> None:
+    def _start_service(self, site: SiteSpec, service_port: int) -> None:
         argv = [
             a.replace("{port}", str(service_port)).replace("{site_id}", site.site_id)
             for a in site.service_argv
         ]
         self._spawn(f"{site.site_id}-service", argv, self._env())
+
+    def _start_supernode(self, site: SiteSpec, service_port: int, supernode_port: int) -> None:
         home = self.run_dir / "flwr_home" / site.site_id
         home.mkdir(parents=True, exist_ok=True)
         node_config = f"site-id='{site.site_id}' service-url='http://{HOST}:{service_port}'"
-        sn_argv = [executable("flower-supernode"), "--insecure"]
+        sn_argv = [executable("flower-supernode"), *supernode_security_argv(self.pki, site.site_id)]
         sn_argv += ["--superlink", self.superlink_address, "--host", HOST]
         sn_argv += ["--port", str(supernode_port), "--node-config", node_config]
         env = self._env(
@@ -459,7 +491,33 @@ class LocalNetwork:
     def _write_cli_config(self) -> None:
         from flows.flower_runs import write_cli_config
 
-        write_cli_config(self.run_dir / "flwr_home" / "cli", self.superlink_address)
+        ca = None if self.pki is None else self.pki.ca_cert
+        write_cli_config(self.cli_flwr_home, self.superlink_address, root_certificates=ca)
+
+    # -- transport security
+    @property
+    def _superlink_url(self) -> str:
+        scheme = "http" if self.pki is None else "https"
+        return f"{scheme}://{self.superlink_address}"
+
+    def _verify(self) -> ssl.SSLContext | bool:
+        """The probes' TLS check: trust the run's CA only (plain HTTP ignores it)."""
+        if self.pki is None:
+            return True
+        return ssl.create_default_context(cafile=str(self.pki.ca_cert))
+
+    def _register_sites(self) -> None:
+        """Register every site's public key with the SuperLink, all at once.
+
+        With ``--enable-supernode-auth`` a SuperNode whose key is not registered is
+        refused at activation (and exits), so this must finish before they start.
+        """
+        if self.pki is None:
+            return
+        t0 = time.monotonic()
+        keys = {s.site_id: self.pki.sites[s.site_id].public_key for s in self.sites}
+        self.registered_node_ids = register_supernodes(self.cli_flwr_home, keys, self.start_timeout_s)
+        self.startup_seconds["register-supernodes"] = time.monotonic() - t0
 
     # -- readiness
     def _check_alive(self, name: str) -> None:
@@ -569,6 +627,68 @@ class LocalNetwork:
         if self._old_sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._old_sigterm)
             self._old_sigterm = None
+
+
+def make_run_pki(folder: Path, sites: Sequence[SiteSpec]) -> NetworkPki:
+    """Fresh transport keys for a simulated run (replacing the last run's, on purpose)."""
+    return init_network(folder, host=HOST, sites=[s.site_id for s in sites], force=True)
+
+
+def superlink_security_argv(pki: NetworkPki | None) -> list[str]:
+    """``flower-superlink`` flags: TLS with the run's certificate and SuperNode auth."""
+    if pki is None:
+        return ["--insecure"]
+    return [
+        "--ssl-ca-certfile", str(pki.ca_cert),
+        "--ssl-certfile", str(pki.server_cert),
+        "--ssl-keyfile", str(pki.server_key),
+        "--enable-supernode-auth",
+    ]
+
+
+def supernode_security_argv(pki: NetworkPki | None, site_id: str) -> list[str]:
+    """``flower-supernode`` flags: trust only the CA; sign in with the site's own key."""
+    if pki is None:
+        return ["--insecure"]
+    if site_id not in pki.sites:
+        raise TransportError(
+            f"site {site_id!r} has no SuperNode key in {pki.out}. Fix: make one "
+            f"(`fedrwe pki site-key --site {site_id}`) or leave pki unset for fresh keys."
+        )
+    return [
+        "--root-certificates", str(pki.ca_cert),
+        "--auth-supernode-private-key", str(pki.sites[site_id].private_key),
+    ]
+
+
+def register_supernodes(
+    flwr_home: Path, public_keys: Mapping[str, Path], timeout_s: float
+) -> dict[str, int]:
+    """``flwr supernode register`` each public key (in parallel); return site -> node id."""
+    env = {**base_env(), "FLWR_HOME": str(flwr_home)}
+    procs = {
+        site_id: subprocess.Popen(
+            [executable("flwr"), "supernode", "register", str(key), "--format", "json"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for site_id, key in public_keys.items()
+    }
+    node_ids: dict[str, int] = {}
+    for site_id, proc in procs.items():
+        try:
+            out, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        answer = re.search(r'"node-id":\s*(\d+)', out or "")
+        if answer is None:
+            raise TransportError(
+                f"the SuperLink did not register site {site_id!r}'s key {public_keys[site_id]}: "
+                f"{(out or '').strip()[-800:]}. Fix: check the key file (an OpenSSH EC public "
+                "key from `fedrwe pki site-key`) and that the SuperLink runs with TLS."
+            )
+        node_ids[site_id] = int(answer.group(1))
+    return node_ids
 
 
 def _check_external_prefect(api_url: str) -> None:

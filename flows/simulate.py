@@ -46,6 +46,9 @@ class SimulationSettings(BaseModel):
     prefect_api_url: str | None = Field(default=None, description="Existing Prefect server, if any.")
     spark_master: str = Field(default="local[2]", description="Spark master of every simulated site.")
     spark_driver_memory: str = Field(default="1g", description="Driver (JVM heap) memory per site.")
+    insecure_transport: bool = Field(
+        default=False, description="Plain HTTP and no SuperNode authentication (debugging only)."
+    )
 
 
 class PeakMemory:
@@ -181,7 +184,9 @@ def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, 
 
     console.print("[bold]2/4[/] starting Prefect server, SuperLink, and a site agent + SuperNode per site")
     t_start = time.perf_counter()
-    with LocalNetwork(out / "run", specs, prefect_api_url=settings.prefect_api_url) as network:
+    with LocalNetwork(
+        out / "run", specs, prefect_api_url=settings.prefect_api_url, insecure=settings.insecure_transport
+    ) as network:
         timings["start_network_s"] = round(time.perf_counter() - t_start, 2)
         timings["process_startup_s"] = {k: round(v, 2) for k, v in network.startup_seconds.items()}
         console.print(f"    Prefect UI: {network.prefect_api_url.removesuffix('/api')}")
@@ -236,7 +241,18 @@ def _print_summary(
         f"{max(timings['cohort_s'].values()):.1f}s, inside round 1; study {timings['study_run_s']}s; "
         f"total {timings['total_s']}s; peak RSS {timings['peak_rss_bytes']['total'] / 2**30:.2f} GiB"
     )
+    console.print(_transport_line(startup, out))
     console.print(
         f"wrote {out / 'results.json'}, {out / 'report.html'}, {out / 'truth.json'}, "
         f"{out / 'sim' / 'pooled_analysis_dataset.parquet'} ({n_rows:,} rows, simulation only)"
+    )
+
+
+def _transport_line(startup: dict[str, float], out: Path) -> str:
+    """One line saying how the SuperNodes reached the SuperLink, and what it cost at start."""
+    if "register-supernodes" not in startup:
+        return "transport: INSECURE (plain HTTP, no SuperNode authentication): debugging only"
+    return (
+        f"transport: TLS (CA in {out / 'run' / 'pki' / 'ca.pem'}) + SuperNode authentication; "
+        f"keys {startup.get('pki', 0)}s, key registration {startup['register-supernodes']}s at start"
     )

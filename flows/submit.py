@@ -36,12 +36,46 @@ def run_and_explain(submit: Callable[[RunConfig], FlowerRun], run_config: RunCon
         raise
 
 
+def transport_root_certificates(root_certificates: Path | None, insecure: bool) -> Path | None:
+    """The CA the ``flwr`` CLI checks the SuperLink against, or None for plain HTTP.
+
+    One of the two must be asked for: a study never falls back to plain HTTP silently.
+    """
+    if insecure and root_certificates is not None:
+        raise SettingsError(
+            "--insecure and --root-certificates were both given. Fix: drop --insecure; the "
+            "CA certificate is what makes the connection to the SuperLink trustworthy."
+        )
+    if insecure:
+        return None
+    if root_certificates is None:
+        raise SettingsError(
+            "no CA certificate for the SuperLink's TLS was given. Fix: pass --root-certificates "
+            "ca.pem (the federation's CA, from `fedrwe pki init`), or --insecure for a SuperLink "
+            "started with --insecure (debugging only)."
+        )
+    if not root_certificates.is_file():
+        raise SettingsError(
+            f"--root-certificates {root_certificates}: no such file. Fix: point it at the "
+            "federation's ca.pem (from the network operator's `fedrwe pki init`)."
+        )
+    return root_certificates
+
+
 def run_study_on_superlink(
-    protocol: Path, superlink: str, out: Path, min_sites: int, prefect_api_url: str | None
+    protocol: Path,
+    superlink: str,
+    out: Path,
+    min_sites: int,
+    prefect_api_url: str | None,
+    *,
+    root_certificates: Path | None = None,
+    insecure: bool = False,
 ) -> dict[str, Any]:
     """``fedrwe study run``: submit to a running SuperLink, follow, return results.json.
 
-    The ServerApp runs next to the SuperLink, so ``out`` is a path on that machine.
+    The ServerApp runs next to the SuperLink, so ``out`` is a path on that machine. The
+    connection is TLS checked against ``root_certificates`` unless ``insecure``.
     """
     if not prefect_api_url:
         raise SettingsError(
@@ -53,8 +87,9 @@ def run_study_on_superlink(
     run_dir = out / "run"
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     flwr_home = run_dir / "flwr_home"
-    write_cli_config(flwr_home, superlink)
     config = study_run_config(protocol, out, **{"prefect-api-url": prefect_api_url, "min-nodes": min_sites})
+    ca = transport_root_certificates(root_certificates, insecure)
+    write_cli_config(flwr_home, superlink, root_certificates=ca)
 
     def submit(run_config: RunConfig) -> FlowerRun:
         return submit_run(run_config, flwr_home=flwr_home, run_dir=run_dir)

@@ -125,5 +125,22 @@ def test_prefect_lists_the_flow_run_with_one_task_run_per_round(
 
 
 @pytest.mark.integration
+def test_the_study_ran_over_tls_with_registered_supernodes(simulation: dict[str, Any]) -> None:
+    logs = simulation["out"] / "run" / "logs"
+    superlink = (logs / "superlink.log").read_text()
+    assert "--enable-supernode-auth" in superlink.splitlines()[0]  # the command line
+    assert "Uvicorn running on https://127.0.0.1:" in superlink
+    assert superlink.count("[Fleet.ActivateNode] Activated node_id=") == 3
+    assert "ApiError" not in superlink
+    for site in ("site_01", "site_02", "site_03"):
+        command = (logs / f"{site}-supernode.log").read_text().splitlines()[0]
+        assert "--root-certificates" in command
+        assert f"--auth-supernode-private-key {simulation['out'] / 'run' / 'pki' / 'sites' / site}.key" in command
+        assert "--insecure" not in command
+    startup = json.loads((simulation["out"] / "timings.json").read_text())["process_startup_s"]
+    assert startup["register-supernodes"] > 0
+
+
+@pytest.mark.integration
 def test_no_process_is_left_running(simulation: dict[str, Any]) -> None:
     assert simulation["leftover"] == set()

@@ -35,7 +35,9 @@ def network(tmp_path_factory: pytest.TempPathFactory, prefect_api_url: str) -> I
 @pytest.mark.integration
 def test_study_run_writes_results(network: tuple[LocalNetwork, Path], prefect_api_url: str, tmp_path: Path) -> None:
     net, _ = network
+    assert net.pki is not None
     done = fedrwe("study", "run", str(PROTOCOL), "--superlink", net.superlink_address,
+                  "--root-certificates", str(net.pki.ca_cert),
                   "--out", str(tmp_path), "--min-sites", "3", "--prefect-api-url", prefect_api_url)
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "results.json").read_text())
@@ -51,7 +53,9 @@ def test_a_missing_table_is_named_with_its_site(network: tuple[LocalNetwork, Pat
     death = root / "data" / "sites" / "site_02" / "lake" / "death"
     shutil.move(death, root / "death.moved")
     try:
+        assert net.pki is not None
         done = fedrwe("study", "run", str(PROTOCOL), "--superlink", net.superlink_address,
+                      "--root-certificates", str(net.pki.ca_cert),
                       "--out", str(tmp_path), "--min-sites", "3", "--prefect-api-url", prefect_api_url)
     finally:
         shutil.move(root / "death.moved", death)
@@ -75,3 +79,13 @@ def test_a_mistyped_protocol_field_is_named(tmp_path: Path) -> None:
                   "--prefect-api-url", "http://127.0.0.1:1/api")
     assert done.returncode == 2
     assert "washout_dayz" in " ".join(done.stderr.split())
+
+
+def test_a_study_run_never_falls_back_to_plain_http_silently(tmp_path: Path) -> None:
+    done = fedrwe("study", "run", str(PROTOCOL), "--superlink", "127.0.0.1:1", "--out", str(tmp_path),
+                  "--prefect-api-url", "http://127.0.0.1:1/api")
+    assert done.returncode == 2
+    message = " ".join(done.stderr.split())
+    assert "--root-certificates" in message
+    assert "--insecure" in message
+    assert not (tmp_path / "run" / "flwr_home" / "config.toml").exists()  # nothing was dialled
