@@ -3,6 +3,11 @@
     fedrwe simulate --sites 3 --patients 30000 --seed 7 --out out/demo
     fedrwe site serve --config site.toml
     fedrwe site ingest --omop export/ --config site.toml [--care-site ID] [--strict]
+    fedrwe site pending --config site.toml          (studies waiting for the steward)
+    fedrwe site approve STUDY_ID --config site.toml [--sha256 HASH] [--by NAME]
+    fedrwe site approvals --config site.toml
+    fedrwe keys new --owner site_01 --out keys/     (a private key and its public keyring)
+    fedrwe keys trust keyring.json --add site_01.keyring.json [--retire-others-at ISO]
     fedrwe study run studies/ketamine_cud.yaml --superlink 127.0.0.1:9093 --out out/study
     fedrwe protocol check studies/ketamine_cud.yaml
 
@@ -27,9 +32,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Federated re
 site_app = typer.Typer(no_args_is_help=True, help="Commands a hospital runs.")
 study_app = typer.Typer(no_args_is_help=True, help="Commands a study lead runs.")
 protocol_app = typer.Typer(no_args_is_help=True, help="Study protocols.")
+keys_app = typer.Typer(no_args_is_help=True, help="Signing keys and keyrings.")
 app.add_typer(site_app, name="site")
 app.add_typer(study_app, name="study")
 app.add_typer(protocol_app, name="protocol")
+app.add_typer(keys_app, name="keys")
 
 console = Console(stderr=True)
 _state = {"debug": False}
@@ -107,6 +114,112 @@ def site_check(config: Annotated[Path, typer.Option(help="The site's settings (T
     report.raise_for_errors()
 
 
+@site_app.command("pending")
+def site_pending(config: Annotated[Path, typer.Option(help="The site's settings (TOML).")]) -> None:
+    """Studies that asked to run here and were refused for lack of the steward's approval."""
+    from rich.table import Table
+
+    from site_agent.approval import approval_store
+    from site_agent.settings import load_site_settings
+
+    waiting = approval_store(load_site_settings(config).workdir).pending()
+    table = Table(title="studies waiting for approval")
+    for column in ("study", "title", "protocol sha256", "analyses", "comparisons", "asked at"):
+        table.add_column(column)
+    for p in waiting:
+        table.add_row(p.study_id, p.title, p.sha256, ", ".join(p.analyses), ", ".join(p.comparisons), p.asked_at)
+    Console().print(table if waiting else "no study is waiting for approval")
+
+
+@site_app.command("approve")
+def site_approve(
+    study_id: Annotated[str, typer.Argument(help="The study to approve.")],
+    config: Annotated[Path, typer.Option(help="The site's settings (TOML).")],
+    sha256: Annotated[str | None, typer.Option(help="The protocol hash to approve (default: the pending one).")] = None,
+    by: Annotated[str | None, typer.Option(help="Who approves (default: the OS user).")] = None,
+) -> None:
+    """Approve a study's protocol (its SHA-256) at this site; a changed protocol needs a new approval."""
+    import getpass
+
+    from site_agent.approval import approval_store
+    from site_agent.settings import load_site_settings
+
+    approval = approval_store(load_site_settings(config).workdir).approve(study_id, sha256, by or getpass.getuser())
+    Console().print(
+        f"approved {approval.study_id} (protocol sha256 {approval.sha256}) by {approval.approved_by} "
+        f"at {approval.approved_at}"
+    )
+
+
+@site_app.command("approvals")
+def site_approvals(config: Annotated[Path, typer.Option(help="The site's settings (TOML).")]) -> None:
+    """Every approval given at this site: study, protocol hash, who and when."""
+    from rich.table import Table
+
+    from site_agent.approval import approval_store
+    from site_agent.settings import load_site_settings
+
+    given = approval_store(load_site_settings(config).workdir).approvals()
+    table = Table(title="approvals")
+    for column in ("study", "protocol sha256", "approved by", "approved at"):
+        table.add_column(column)
+    for a in given:
+        table.add_row(a.study_id, a.sha256, a.approved_by, a.approved_at)
+    Console().print(table if given else "no study has been approved at this site")
+
+
+@keys_app.command("new")
+def keys_new(
+    owner: Annotated[str, typer.Option(help="Whose key: 'coordinator' or the site id.")],
+    out: Annotated[Path, typer.Option(help="Folder for OWNER.pem (private) and OWNER.keyring.json (public).")],
+) -> None:
+    """Make a signing key; share only OWNER.keyring.json with the other side."""
+    from shared.crypto import Keyring, generate_key, save_private_key
+
+    private, public = out / f"{owner}.pem", out / f"{owner}.keyring.json"
+    if private.exists():
+        raise typer.BadParameter(f"{private} exists; it is never overwritten. Choose another --out.")
+    key = generate_key()
+    save_private_key(key, private)
+    keyring = Keyring()
+    entry = keyring.add(owner, key.public_key())
+    keyring.save(public)
+    Console().print(f"key {entry.key_id} of {owner}: private {private} (keep it there), public {public}")
+
+
+@keys_app.command("trust")
+def keys_trust(
+    keyring: Annotated[Path, typer.Argument(help="The keyring to extend (created if missing).")],
+    add: Annotated[Path, typer.Option(help="A keyring whose keys to trust (e.g. from `keys new`).")],
+    retire_others_at: Annotated[
+        str | None, typer.Option(help="Rotation: the same owners' other keys stop being valid at this ISO time.")
+    ] = None,
+) -> None:
+    """Trust the keys of another keyring; with --retire-others-at, rotate their owners' old keys out."""
+    from datetime import datetime
+
+    from shared.crypto import Keyring, load_keyring
+    from shared.errors import SettingsError
+
+    target = load_keyring(keyring) if keyring.exists() else Keyring()
+    new = load_keyring(add).entries()
+    if retire_others_at is not None:
+        try:
+            when = datetime.fromisoformat(retire_others_at)
+        except ValueError:
+            raise SettingsError(f"--retire-others-at {retire_others_at!r} is not ISO 8601, e.g. 2026-12-01T00:00+00:00") from None
+        if when.tzinfo is None:
+            raise SettingsError(f"--retire-others-at {retire_others_at!r} needs a zone, e.g. +00:00")
+        new_ids = {e.key_id for e in new}
+        for entry in target.entries():
+            if entry.owner in {e.owner for e in new} and entry.key_id not in new_ids:
+                target.retire(entry.key_id, when.timestamp())
+    for entry in new:
+        target.add(entry.owner, entry.public_key, entry.retires_at)
+    target.save(keyring)
+    Console().print(f"{keyring}: " + ", ".join(f"{e.owner} {e.key_id}" for e in target.entries()))
+
+
 @study_app.command("run")
 def study_run(
     protocol: Annotated[Path, typer.Argument(help="Study protocol YAML.")],
@@ -116,11 +229,19 @@ def study_run(
     prefect_api_url: Annotated[
         str | None, typer.Option(envvar="PREFECT_API_URL", help="Prefect server the study reports to.")
     ] = None,
+    signing_key: Annotated[
+        Path | None, typer.Option(help="The coordinator's private key (PEM); requests are signed with it.")
+    ] = None,
+    site_keyring: Annotated[
+        Path | None, typer.Option(help="Keyring of the sites' public keys; replies are verified with it.")
+    ] = None,
 ) -> None:
     """Submit a study to a running SuperLink and follow it to the end."""
     from flows.submit import run_study_on_superlink
 
-    results = run_study_on_superlink(protocol, superlink, out, min_sites, prefect_api_url)
+    keys = {"signing-key": str(signing_key.resolve()) if signing_key else "",
+            "site-keyring": str(site_keyring.resolve()) if site_keyring else ""}
+    results = run_study_on_superlink(protocol, superlink, out, min_sites, prefect_api_url, keys)
     from flows.summary import print_estimates
 
     print_estimates(Console(), results)

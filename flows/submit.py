@@ -37,11 +37,13 @@ def run_and_explain(submit: Callable[[RunConfig], FlowerRun], run_config: RunCon
 
 
 def run_study_on_superlink(
-    protocol: Path, superlink: str, out: Path, min_sites: int, prefect_api_url: str | None
+    protocol: Path, superlink: str, out: Path, min_sites: int, prefect_api_url: str | None,
+    keys: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """``fedrwe study run``: submit to a running SuperLink, follow, return results.json.
 
-    The ServerApp runs next to the SuperLink, so ``out`` is a path on that machine.
+    The ServerApp runs next to the SuperLink, so ``out`` and the ``keys`` paths
+    (``signing-key``, ``site-keyring``) are paths on that machine.
     """
     if not prefect_api_url:
         raise SettingsError(
@@ -54,7 +56,9 @@ def run_study_on_superlink(
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     flwr_home = run_dir / "flwr_home"
     write_cli_config(flwr_home, superlink)
-    config = study_run_config(protocol, out, **{"prefect-api-url": prefect_api_url, "min-nodes": min_sites})
+    config = study_run_config(
+        protocol, out, **{"prefect-api-url": prefect_api_url, "min-nodes": min_sites, **(keys or {})}
+    )
 
     def submit(run_config: RunConfig) -> FlowerRun:
         return submit_run(run_config, flwr_home=flwr_home, run_dir=run_dir)
