@@ -43,7 +43,8 @@ def test_a_sealed_payload_opens_with_its_signer_and_times() -> None:
     assert opened.payload == b'{"x":1}'
     assert (opened.owner, opened.key_id) == ("coordinator", key_id(key.public_key()))
     assert (opened.issued_at, opened.expires_at) == (NOW, NOW + 60)
-    assert is_envelope(data) and not is_envelope(b'{"x":1}')
+    assert is_envelope(data)
+    assert not is_envelope(b'{"x":1}')
     assert seal(b"x", key, kind="request", lifetime_s=60, now=NOW) != seal(b"x", key, kind="request", lifetime_s=60, now=NOW)
 
 
