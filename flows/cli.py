@@ -117,18 +117,19 @@ def site_check(config: Annotated[Path, typer.Option(help="The site's settings (T
 @site_app.command("pending")
 def site_pending(config: Annotated[Path, typer.Option(help="The site's settings (TOML).")]) -> None:
     """Studies that asked to run here and were refused for lack of the steward's approval."""
-    from rich.table import Table
-
     from site_agent.approval import approval_store
     from site_agent.settings import load_site_settings
 
     waiting = approval_store(load_site_settings(config).workdir).pending()
-    table = Table(title="studies waiting for approval")
-    for column in ("study", "title", "protocol sha256", "analyses", "comparisons", "asked at"):
-        table.add_column(column)
-    for p in waiting:
-        table.add_row(p.study_id, p.title, p.sha256, ", ".join(p.analyses), ", ".join(p.comparisons), p.asked_at)
-    Console().print(table if waiting else "no study is waiting for approval")
+    if not waiting:
+        typer.echo("no study is waiting for approval")
+    for p in waiting:  # plain lines: the hash must stay whole to be checked and copied
+        typer.echo(
+            f"{p.study_id}: {p.title}\n  protocol sha256: {p.sha256}\n  analyses: {', '.join(p.analyses)}"
+            + (f"\n  comparisons: {', '.join(p.comparisons)}" if p.comparisons else "")
+            + f"\n  asked at: {p.asked_at}\n  to approve: fedrwe site approve {p.study_id} "
+            f"--sha256 {p.sha256} --config {config}"
+        )
 
 
 @site_app.command("approve")
@@ -145,7 +146,7 @@ def site_approve(
     from site_agent.settings import load_site_settings
 
     approval = approval_store(load_site_settings(config).workdir).approve(study_id, sha256, by or getpass.getuser())
-    Console().print(
+    typer.echo(
         f"approved {approval.study_id} (protocol sha256 {approval.sha256}) by {approval.approved_by} "
         f"at {approval.approved_at}"
     )
@@ -154,18 +155,14 @@ def site_approve(
 @site_app.command("approvals")
 def site_approvals(config: Annotated[Path, typer.Option(help="The site's settings (TOML).")]) -> None:
     """Every approval given at this site: study, protocol hash, who and when."""
-    from rich.table import Table
-
     from site_agent.approval import approval_store
     from site_agent.settings import load_site_settings
 
     given = approval_store(load_site_settings(config).workdir).approvals()
-    table = Table(title="approvals")
-    for column in ("study", "protocol sha256", "approved by", "approved at"):
-        table.add_column(column)
+    if not given:
+        typer.echo("no study has been approved at this site")
     for a in given:
-        table.add_row(a.study_id, a.sha256, a.approved_by, a.approved_at)
-    Console().print(table if given else "no study has been approved at this site")
+        typer.echo(f"{a.study_id}  sha256 {a.sha256}  approved by {a.approved_by} at {a.approved_at}")
 
 
 @keys_app.command("new")

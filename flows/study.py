@@ -30,6 +30,7 @@ from coordinator.flower_server import FlowerTransport
 from coordinator.plan import StudyPlan
 from coordinator.report import write_report
 from coordinator.results import comparison_results, study_results, write_results
+from shared.crypto import is_envelope
 from shared.errors import (
     FedRWEError,
     InsufficientSites,
@@ -73,6 +74,18 @@ def decode_replies(raw: dict[int, bytes]) -> dict[str, RoundReply]:
     return replies
 
 
+def _unsigned_only(raw: dict[int, bytes]) -> dict[int, bytes]:
+    """An unsigned run's replies; sites answering with envelopes require signed requests."""
+    signed = sorted(node for node, data in raw.items() if is_envelope(data))
+    if signed:
+        raise SettingsError(
+            f"SuperNode(s) {signed} answered with signed envelopes: their sites accept only signed "
+            f"requests, and this run is unsigned (envelope rejected). Fix: run the study with "
+            f"--signing-key (the coordinator's private key) and --site-keyring (the sites' public keys)."
+        )
+    return raw
+
+
 @task(
     name="round",
     cache_policy=NONE,
@@ -88,8 +101,7 @@ def exchange_round(
     return their replies, verified by ``envelopes`` when given (transport only)."""
     payload = sealed if sealed is not None else request.to_bytes()
     raw = transport.exchange(request.round_name, dict.fromkeys(transport.node_ids(), payload), timeout_s)
-    if envelopes is not None:
-        raw = envelopes.open(raw, payload)
+    raw = envelopes.open(raw, payload) if envelopes is not None else _unsigned_only(raw)
     replies = decode_replies(raw)
     for site_id, reply in replies.items():
         answered = (reply.study_id, reply.round_name)
