@@ -116,6 +116,8 @@ def serve(settings: SiteSettings) -> None:
     agent = SiteAgent(settings)
     for problem in agent.missing_tables():
         log.warning("%s", problem)  # studies will fail with this message until it is fixed
+    if settings.approval.mode == "auto":
+        log.warning("site %s: approval mode 'auto': every protocol runs unreviewed (simulation only)", settings.site_id)
     try:
         server = bind(settings, EnvelopeGate(agent, keys))
     except BaseException:

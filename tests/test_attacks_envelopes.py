@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -79,7 +80,7 @@ class Site:
 
 
 def make_site(
-    root: Path, spark: SparkSession, mode: str = "steward",
+    root: Path, spark: SparkSession, mode: Literal["steward", "auto"] = "steward",
     old_key: tuple[Ed25519PublicKey, float] | None = None,
 ) -> Site:
     """A site with fresh keys; ``old_key`` = (a rotated-out coordinator key, seconds from now
@@ -88,8 +89,8 @@ def make_site(
     keys = make_network_keys(root / "keys", [SITE, "site_u"])
     settings = SiteSettings(
         site_id=SITE, lake=root / "lake", workdir=root / "work",
-        policy=DisclosurePolicy(min_cell_count=1), approval=ApprovalSettings(mode=mode),  # type: ignore[arg-type]
-        envelopes=EnvelopeSettings(**keys.site_settings(SITE)),  # type: ignore[arg-type]
+        policy=DisclosurePolicy(min_cell_count=1), approval=ApprovalSettings(mode=mode),
+        envelopes=EnvelopeSettings.model_validate(keys.site_settings(SITE)),
     )
     assert settings.envelopes is not None
     clock = Clock()
