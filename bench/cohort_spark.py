@@ -381,7 +381,7 @@ def worker(config: Config, lake: Path, workdir: Path, site_id: str) -> dict[str,
     from site_agent.agent import SiteAgent
     from site_agent.cohort import store
     from site_agent.data import delta
-    from site_agent.settings import SiteSettings, SparkSettings
+    from site_agent.settings import ApprovalSettings, SiteSettings, SparkSettings
 
     imported = time.perf_counter()
     for lever in config.levers:
@@ -394,7 +394,7 @@ def worker(config: Config, lake: Path, workdir: Path, site_id: str) -> dict[str,
     phases.wrap(agent_module, "event_table", "event_table")
 
     settings = SiteSettings(
-        site_id=site_id, lake=lake, workdir=workdir / "cold",
+        site_id=site_id, lake=lake, workdir=workdir / "cold", approval=ApprovalSettings(mode="auto"),
         spark=SparkSettings(
             master=DEMO_MASTER, driver_memory=config.driver_memory,
             shuffle_partitions=config.shuffle_partitions,

@@ -56,7 +56,7 @@ from shared.protocol.model import load_protocol  # noqa: E402
 from shared.synthetic import generate_network  # noqa: E402
 from site_agent.agent import SiteAgent  # noqa: E402
 from site_agent.data.spark import start_spark  # noqa: E402
-from site_agent.settings import DisclosurePolicy, SiteSettings, SparkSettings  # noqa: E402
+from site_agent.settings import ApprovalSettings, DisclosurePolicy, SiteSettings, SparkSettings  # noqa: E402
 from tests.inprocess import InProcessTransport  # noqa: E402
 
 ANALYSES = ("crude", "matched", "iptw_ate", "iptw_att", "overlap")
@@ -95,7 +95,7 @@ def run_seed(spark: Any, protocol_path: Path, seed: int, patients: int, min_cell
         truth = json.loads((root / "data" / "truth.json").read_text())
         policy = DisclosurePolicy(min_cell_count=min_cell_count)
         agents = [SiteAgent(SiteSettings(site_id=site.name, lake=site / "lake", workdir=root / "work" / site.name,
-                                         policy=policy), spark=spark)
+                                         policy=policy, approval=ApprovalSettings(mode="auto")), spark=spark)
                   for site in sorted((root / "data" / "sites").iterdir())]
         transport = InProcessTransport(agents)
         plan = StudyPlan(load_protocol(protocol_path))

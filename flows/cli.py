@@ -6,6 +6,11 @@
     fedrwe study run studies/ketamine_cud.yaml --superlink 127.0.0.1:9093 --root-certificates pki/ca.pem --out out/study
     fedrwe pki init --out pki --host superlink.example.org [--sites site_01,site_02]
     fedrwe pki site-key --out keys --site site_01
+    fedrwe site pending --config site.toml          (studies waiting for the steward)
+    fedrwe site approve STUDY_ID --config site.toml [--sha256 HASH] [--by NAME]
+    fedrwe site approvals --config site.toml
+    fedrwe keys new --owner site_01 --out keys/     (a private key and its public keyring)
+    fedrwe keys trust keyring.json --add site_01.keyring.json [--retire-others-at ISO]
     fedrwe protocol check studies/ketamine_cud.yaml
 
 Site commands import only the site agent (no Prefect); study commands only the
@@ -30,10 +35,12 @@ site_app = typer.Typer(no_args_is_help=True, help="Commands a hospital runs.")
 study_app = typer.Typer(no_args_is_help=True, help="Commands a study lead runs.")
 protocol_app = typer.Typer(no_args_is_help=True, help="Study protocols.")
 pki_app = typer.Typer(no_args_is_help=True, help="Transport keys: TLS for the SuperLink, SuperNode keys.")
+keys_app = typer.Typer(no_args_is_help=True, help="Signing keys and keyrings.")
 app.add_typer(site_app, name="site")
 app.add_typer(study_app, name="study")
 app.add_typer(protocol_app, name="protocol")
 app.add_typer(pki_app, name="pki")
+app.add_typer(keys_app, name="keys")
 
 console = Console(stderr=True)
 _state = {"debug": False}
@@ -114,6 +121,109 @@ def site_check(config: Annotated[Path, typer.Option(help="The site's settings (T
     report.raise_for_errors()
 
 
+@site_app.command("pending")
+def site_pending(config: Annotated[Path, typer.Option(help="The site's settings (TOML).")]) -> None:
+    """Studies that asked to run here and were refused for lack of the steward's approval."""
+    from site_agent.approval import approval_store
+    from site_agent.settings import load_site_settings
+
+    waiting = approval_store(load_site_settings(config).workdir).pending()
+    if not waiting:
+        typer.echo("no study is waiting for approval")
+    for p in waiting:  # plain lines: the hash must stay whole to be checked and copied
+        typer.echo(
+            f"{p.study_id}: {p.title}\n  protocol sha256: {p.sha256}\n  analyses: {', '.join(p.analyses)}"
+            + (f"\n  comparisons: {', '.join(p.comparisons)}" if p.comparisons else "")
+            + f"\n  asked at: {p.asked_at}\n  to approve: fedrwe site approve {p.study_id} "
+            f"--sha256 {p.sha256} --config {config}"
+        )
+
+
+@site_app.command("approve")
+def site_approve(
+    study_id: Annotated[str, typer.Argument(help="The study to approve.")],
+    config: Annotated[Path, typer.Option(help="The site's settings (TOML).")],
+    sha256: Annotated[str | None, typer.Option(help="The protocol hash to approve (default: the pending one).")] = None,
+    by: Annotated[str | None, typer.Option(help="Who approves (default: the OS user).")] = None,
+) -> None:
+    """Approve a study's protocol (its SHA-256) at this site; a changed protocol needs a new approval."""
+    import getpass
+
+    from site_agent.approval import approval_store
+    from site_agent.settings import load_site_settings
+
+    approval = approval_store(load_site_settings(config).workdir).approve(study_id, sha256, by or getpass.getuser())
+    typer.echo(
+        f"approved {approval.study_id} (protocol sha256 {approval.sha256}) by {approval.approved_by} "
+        f"at {approval.approved_at}"
+    )
+
+
+@site_app.command("approvals")
+def site_approvals(config: Annotated[Path, typer.Option(help="The site's settings (TOML).")]) -> None:
+    """Every approval given at this site: study, protocol hash, who and when."""
+    from site_agent.approval import approval_store
+    from site_agent.settings import load_site_settings
+
+    given = approval_store(load_site_settings(config).workdir).approvals()
+    if not given:
+        typer.echo("no study has been approved at this site")
+    for a in given:
+        typer.echo(f"{a.study_id}  sha256 {a.sha256}  approved by {a.approved_by} at {a.approved_at}")
+
+
+@keys_app.command("new")
+def keys_new(
+    owner: Annotated[str, typer.Option(help="Whose key: 'coordinator' or the site id.")],
+    out: Annotated[Path, typer.Option(help="Folder for OWNER.pem (private) and OWNER.keyring.json (public).")],
+) -> None:
+    """Make a signing key; share only OWNER.keyring.json with the other side."""
+    from shared.crypto import Keyring, generate_key, save_private_key
+
+    private, public = out / f"{owner}.pem", out / f"{owner}.keyring.json"
+    if private.exists():
+        raise typer.BadParameter(f"{private} exists; it is never overwritten. Choose another --out.")
+    key = generate_key()
+    save_private_key(key, private)
+    keyring = Keyring()
+    entry = keyring.add(owner, key.public_key())
+    keyring.save(public)
+    Console().print(f"key {entry.key_id} of {owner}: private {private} (keep it there), public {public}")
+
+
+@keys_app.command("trust")
+def keys_trust(
+    keyring: Annotated[Path, typer.Argument(help="The keyring to extend (created if missing).")],
+    add: Annotated[Path, typer.Option(help="A keyring whose keys to trust (e.g. from `keys new`).")],
+    retire_others_at: Annotated[
+        str | None, typer.Option(help="Rotation: the same owners' other keys stop being valid at this ISO time.")
+    ] = None,
+) -> None:
+    """Trust the keys of another keyring; with --retire-others-at, rotate their owners' old keys out."""
+    from datetime import datetime
+
+    from shared.crypto import Keyring, load_keyring
+    from shared.errors import SettingsError
+
+    target = load_keyring(keyring) if keyring.exists() else Keyring()
+    new = load_keyring(add).entries()
+    if retire_others_at is not None:
+        try:
+            when = datetime.fromisoformat(retire_others_at)
+        except ValueError:
+            raise SettingsError(f"--retire-others-at {retire_others_at!r} is not ISO 8601, e.g. 2026-12-01T00:00+00:00") from None
+        if when.tzinfo is None:
+            raise SettingsError(f"--retire-others-at {retire_others_at!r} needs a zone, e.g. +00:00")
+        new_ids = {e.key_id for e in new}
+        for entry in target.entries():
+            if entry.owner in {e.owner for e in new} and entry.key_id not in new_ids:
+                target.retire(entry.key_id, when.timestamp())
+    for entry in new:
+        target.add(entry.owner, entry.public_key, entry.retires_at)
+    target.save(keyring)
+    Console().print(f"{keyring}: " + ", ".join(f"{e.owner} {e.key_id}" for e in target.entries()))
+
+
 @study_app.command("run")
 def study_run(
     protocol: Annotated[Path, typer.Argument(help="Study protocol YAML.")],
@@ -129,12 +239,20 @@ def study_run(
     insecure: Annotated[
         bool, typer.Option(help="Plain HTTP, for a SuperLink started with --insecure (debugging only).")
     ] = False,
+    signing_key: Annotated[
+        Path | None, typer.Option(help="The coordinator's private key (PEM); requests are signed with it.")
+    ] = None,
+    site_keyring: Annotated[
+        Path | None, typer.Option(help="Keyring of the sites' public keys; replies are verified with it.")
+    ] = None,
 ) -> None:
     """Submit a study to a running SuperLink and follow it to the end."""
     from flows.submit import run_study_on_superlink
 
+    keys = {"signing-key": str(signing_key.resolve()) if signing_key else "",
+            "site-keyring": str(site_keyring.resolve()) if site_keyring else ""}
     results = run_study_on_superlink(
-        protocol, superlink, out, min_sites, prefect_api_url,
+        protocol, superlink, out, min_sites, prefect_api_url, keys,
         root_certificates=root_certificates, insecure=insecure,
     )
     from flows.summary import print_estimates

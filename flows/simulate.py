@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator.results import comparison_views
+from flows.keys import NetworkKeys, make_network_keys
 from flows.localnet import LocalNetwork, SiteSpec, free_port
 from flows.submit import run_and_explain, study_run_config
 from flows.summary import print_estimates
@@ -79,9 +80,11 @@ class PeakMemory:
 
 
 def write_site_settings(
-    site_id: str, lake: Path, workdir: Path, port: int, master: str, driver_memory: str
+    site_id: str, lake: Path, workdir: Path, port: int, master: str, driver_memory: str,
+    keys: NetworkKeys | None = None,
 ) -> Path:
-    """A site's settings file, as a hospital would write it."""
+    """A site's settings file, as a hospital would write it (with the simulation's keys and
+    automatic approval when ``keys`` is given)."""
     path = workdir.parent / "site.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     settings = {
@@ -90,6 +93,8 @@ def write_site_settings(
         "spark": {"master": master, "driver_memory": driver_memory},
         "policy": {"min_cell_count": 10},
     }
+    if keys is not None:
+        settings |= {"approval": {"mode": "auto"}, "envelopes": keys.site_settings(site_id)}
     path.write_text(tomli_w.dumps(settings), encoding="utf-8")
     return path
 
@@ -111,18 +116,26 @@ def claim_output_folder(out: Path) -> None:
 def simulated_sites(
     lakes: Path, sites_dir: Path, master: str, driver_memory: str = "1g"
 ) -> tuple[list[SiteSpec], list[Path]]:
-    """Settings, a service command and a fresh workdir for every generated site."""
+    """Settings, a service command and a fresh workdir for every generated site; the keys of
+    the network (``simulation_keys(sites_dir)``) are made fresh too."""
     specs, workdirs = [], []
-    for site_dir in sorted(lakes.iterdir()):
+    site_dirs = sorted(lakes.iterdir())
+    keys = make_network_keys(simulation_keys(sites_dir).folder, [d.name for d in site_dirs])
+    for site_dir in site_dirs:
         workdir = sites_dir / site_dir.name / "work"
         if workdir.exists():
             shutil.rmtree(workdir)
         port = free_port()
-        config = write_site_settings(site_dir.name, site_dir / "lake", workdir, port, master, driver_memory)
+        config = write_site_settings(site_dir.name, site_dir / "lake", workdir, port, master, driver_memory, keys)
         argv = [sys.executable, "-m", "site_agent.service", "--config", str(config)]
         specs.append(SiteSpec(site_id=site_dir.name, service_argv=argv, service_port=port))
         workdirs.append(workdir)
     return specs, workdirs
+
+
+def simulation_keys(sites_dir: Path) -> NetworkKeys:
+    """Where ``simulated_sites`` puts the network's keys: ``keys/`` next to ``sites_dir``."""
+    return NetworkKeys(sites_dir.resolve().parent / "keys")
 
 
 def write_pooled_datasets(study: StudyProtocol, results: dict[str, Any], site_workdirs: list[Path], folder: Path) -> int:
@@ -192,7 +205,9 @@ def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, 
         console.print(f"    Prefect UI: {network.prefect_api_url.removesuffix('/api')}")
         console.print(f"[bold]3/4[/] running {protocol.study_id} over Flower")
         t_run = time.perf_counter()
-        run_config = study_run_config(settings.protocol, out, **{"truth-path": str(out / "truth.json")})
+        run_config = study_run_config(
+            settings.protocol, out, **{"truth-path": str(out / "truth.json")}, **simulation_keys(out / "sites").run_config()
+        )
         with PeakMemory(network) as memory:
             run = run_and_explain(network.submit_run, run_config, out, out / "run" / "logs")
         timings["study_run_s"] = round(time.perf_counter() - t_run, 2)

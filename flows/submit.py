@@ -68,14 +68,16 @@ def run_study_on_superlink(
     out: Path,
     min_sites: int,
     prefect_api_url: str | None,
+    keys: dict[str, str] | None = None,
     *,
     root_certificates: Path | None = None,
     insecure: bool = False,
 ) -> dict[str, Any]:
     """``fedrwe study run``: submit to a running SuperLink, follow, return results.json.
 
-    The ServerApp runs next to the SuperLink, so ``out`` is a path on that machine. The
-    connection is TLS checked against ``root_certificates`` unless ``insecure``.
+    The ServerApp runs next to the SuperLink, so ``out`` and the ``keys`` paths
+    (``signing-key``, ``site-keyring``) are paths on that machine. The connection is TLS
+    checked against ``root_certificates`` unless ``insecure``.
     """
     if not prefect_api_url:
         raise SettingsError(
@@ -87,7 +89,9 @@ def run_study_on_superlink(
     run_dir = out / "run"
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     flwr_home = run_dir / "flwr_home"
-    config = study_run_config(protocol, out, **{"prefect-api-url": prefect_api_url, "min-nodes": min_sites})
+    config = study_run_config(
+        protocol, out, **{"prefect-api-url": prefect_api_url, "min-nodes": min_sites, **(keys or {})}
+    )
     ca = transport_root_certificates(root_certificates, insecure)
     write_cli_config(flwr_home, superlink, root_certificates=ca)
 

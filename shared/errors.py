@@ -18,6 +18,7 @@ field), *what* (the value) and *the fix*.
      +-- SiteError              a site answered a round with an error
      +-- TransportError         a process, port or message could not be used
      +-- InvalidEnvelope        a message failed verification (opaque on purpose)
+     +-- NotApproved            a site's steward has not approved the protocol's hash
 """
 
 from __future__ import annotations
@@ -147,5 +148,24 @@ class TransportError(FedRWEError):
     """A process, port or message of the transport could not be used."""
 
 
+ENVELOPE_REJECTED = (
+    "envelope rejected. Fix: check that the coordinator and the sites hold each other's current "
+    "public keys (keyrings), that their clocks agree, and start a new run of the study rather "
+    "than resending old messages."
+)
+
+
 class InvalidEnvelope(FedRWEError):
-    """A message failed verification. Deliberately opaque: it never says why."""
+    """A message failed verification. Deliberately opaque: it never says why.
+
+    ``detail`` (which check failed) is for the receiver's own log only; it is not part of
+    the message, so nothing that reaches the sender tells it which check to work around.
+    """
+
+    def __init__(self, detail: str = "", where: str = "") -> None:
+        self.detail = detail
+        super().__init__(f"{where}: {ENVELOPE_REJECTED}" if where else ENVELOPE_REJECTED)
+
+
+class NotApproved(FedRWEError):
+    """A site's data steward has not approved this study protocol (its SHA-256)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
-from shared.errors import DisclosureRefused, FedRWEError, ProtocolError
+from shared.errors import DisclosureRefused, FedRWEError, NotApproved, ProtocolError
 from shared.omop import STUDY_TABLES
 from shared.privacy.masked_tasks import KEY_TASK
 from shared.protocol.messages import RoundReply, RoundRequest, decode_request, is_ping
@@ -33,6 +33,7 @@ from site_agent.analyses.propensity import propensity
 from site_agent.analyses.release import Release
 from site_agent.analyses.rows import AnalysisRows, analysis_rows
 from site_agent.analyses.tables import event_table
+from site_agent.approval import approval_store
 from site_agent.audit.log import AuditLog
 from site_agent.cohort.store import AnalysisDataset, DatasetStore
 from site_agent.data.delta import DeltaBackend, OmopTables
@@ -113,6 +114,7 @@ class SiteAgent:
         self._tables = OmopTables(backend, settings.lake, settings.site_id)
         self._store = DatasetStore(backend, self._tables, settings.workdir, settings.site_id)
         self._audit = AuditLog(settings.workdir / "audit" / "releases.jsonl")
+        self._approvals = approval_store(settings.workdir)
         self._states: dict[str, _StudyState] = {}
         self._replies: dict[str, bytes] = {}
         self._secure = from_settings(settings.site_id, settings.secure_aggregation)
@@ -127,6 +129,10 @@ class SiteAgent:
             except FedRWEError as error:
                 problems.append(str(error))
         return problems
+
+    def record(self, **fields: object) -> None:
+        """Append a decision taken outside ``handle`` (e.g. a rejected envelope) to the audit log."""
+        self._audit.append(site_id=self.site_id, **fields)
 
     def close(self) -> None:
         """Stop Spark if this agent started it."""
@@ -144,19 +150,25 @@ class SiteAgent:
                     reply_sha256=hashlib.sha256(cached).hexdigest(),
                 )
                 return cached
-            reply = self._answer(payload, digest)
+            reply, cacheable = self._answer(payload, digest)
+            if not cacheable:  # refused for lack of approval: once approved, the same bytes may run
+                return reply
             if len(self._replies) >= _MAX_CACHED_REPLIES:
                 self._replies.pop(next(iter(self._replies)))
             self._replies[digest] = reply
             return reply
 
-    def _answer(self, payload: bytes, digest: str) -> bytes:
+    def _answer(self, payload: bytes, digest: str) -> tuple[bytes, bool]:
         request: RoundRequest | None = None
         withheld: dict[str, int] = {}
+        approval = self._automatic_approval()
+        cacheable = True
         try:
             if is_ping(payload):
-                return RoundReply(status="ok", site_id=self.site_id, results={"ping": "pong"}).to_bytes()
+                ping = RoundReply(status="ok", site_id=self.site_id, results={"ping": "pong"}, approval=approval)
+                return ping.to_bytes(), True
             request = decode_request(payload)
+            approval = self._approval(request)
             released = guarded(lambda: self._compute(request), self.settings.policy, self.site_id)
             reply = RoundReply(
                 status="ok", site_id=self.site_id, study_id=request.study_id,
@@ -164,6 +176,10 @@ class SiteAgent:
             )
             withheld = released.withheld  # parts withheld for small counts: values stay in the log
             decision = "released" if not withheld else "released with parts withheld"
+        except NotApproved as refusal:
+            reply = self._failure("refused", request, self._named(refusal))
+            decision = "refused: protocol not approved"
+            cacheable = False
         except DisclosureRefused as refusal:
             withheld = refusal.counts  # the small counts themselves stay in the site's log
             reply = self._failure("refused", request, self._named(refusal))
@@ -179,7 +195,7 @@ class SiteAgent:
                 f"site agent's log, which only the site can read. Fix: ask the site's IT to look it up.",
             )
             decision = "error"
-        encoded = reply.to_bytes()
+        encoded = reply.model_copy(update={"approval": approval}).to_bytes()
         self._audit.append(
             site_id=self.site_id,
             study_id=request.study_id if request else None,
@@ -190,7 +206,7 @@ class SiteAgent:
             reason=reply.error,
             withheld=withheld,
         )
-        return encoded
+        return encoded, cacheable
 
     def _named(self, error: Exception) -> str:
         """The error's message, starting with this site's name."""
@@ -206,9 +222,37 @@ class SiteAgent:
             error=message,
         )
 
-    def _protocol(self, request: RoundRequest) -> StudyProtocol:
-        """The request's comparison of its protocol; the protocol checked against its hash,
-        its study id and its tasks."""
+    def _automatic_approval(self) -> dict[str, str] | None:
+        """What every reply says in auto mode (simulation only); None under a steward."""
+        if self.settings.approval.mode != "auto":
+            return None
+        return {"mode": "auto", "note": "approved automatically (approval mode 'auto': simulation only)"}
+
+    def _approval(self, request: RoundRequest) -> dict[str, str] | None:
+        """The approval of the request's whole protocol; a refusal names the study, hash and fix.
+
+        Checked before any data is touched. The refused protocol is recorded as pending so the
+        steward can review it (`fedrwe site pending`).
+        """
+        protocol = self._whole_protocol(request)
+        automatic = self._automatic_approval()
+        if automatic is not None:
+            return automatic
+        sha = protocol.sha256()
+        approval = self._approvals.approval_for(protocol.study_id, sha)
+        if approval is None:
+            self._approvals.record_pending(protocol)
+            raise NotApproved(
+                f"site {self.site_id!r}: study {protocol.study_id!r} (protocol sha256 {sha}) is not "
+                f"approved by the site's data steward. Fix: the steward reviews it and runs "
+                f"`fedrwe site approve {protocol.study_id} --sha256 {sha} --config <site.toml>`, "
+                f"then the study is run again."
+            )
+        return {"mode": "steward", "approved_by": approval.approved_by,
+                "approved_at": approval.approved_at, "sha256": approval.sha256}
+
+    def _whole_protocol(self, request: RoundRequest) -> StudyProtocol:
+        """The request's whole protocol, checked against its announced hash and study id."""
         protocol = parse_protocol(request.protocol, f"in request {request.round_name!r}")
         if protocol.sha256() != request.protocol_sha256:
             raise ProtocolError(
@@ -221,6 +265,12 @@ class SiteAgent:
                 f"site {self.site_id!r}: request for study {request.study_id!r} carries the protocol "
                 f"of study {protocol.study_id!r}. Fix: resend the study from its own protocol."
             )
+        return protocol
+
+    def _protocol(self, request: RoundRequest) -> StudyProtocol:
+        """The request's comparison of its protocol; the whole protocol checked (see
+        ``_whole_protocol``) and its tasks limited to what its analyses need."""
+        protocol = self._whole_protocol(request)
         allowed = allowed_tasks(protocol)
         refused = sorted(set(request.tasks) - allowed)
         if refused:

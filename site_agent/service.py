@@ -5,7 +5,10 @@ Endpoints (HTTP/1.1, bound to the site's ``host``, 127.0.0.1 by default):
   ``POST /v1/round``  body = request bytes, response = reply bytes (always 200: errors are
   replies, so the coordinator learns the site's reason).
 
-The Flower ClientApp forwards each message here; it never starts Spark itself.
+The Flower ClientApp forwards each message here; it never starts Spark itself. Every
+request passes the envelope gate (``site_agent.envelopes``): verified against the site's
+coordinator keyring before anything parses it, answered with a signed reply. The service
+does not start without the site's keys (``[envelopes]`` in its settings).
 
     python -m site_agent.service --config site.toml
 """
@@ -22,16 +25,28 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 from shared.errors import FedRWEError, TransportError
 from site_agent.agent import SiteAgent
+from site_agent.envelopes import EnvelopeGate, load_site_keys
 from site_agent.settings import SiteSettings, load_site_settings
 
 log = logging.getLogger("fedrwe.site")
 _MAX_BODY = 64 * 1024 * 1024
 
 
-def _handler_for(agent: SiteAgent) -> type[BaseHTTPRequestHandler]:
+class Answerer(Protocol):
+    """What the HTTP handler forwards to: the envelope gate (or a test double)."""
+
+    site_id: str
+
+    def handle(self, data: bytes) -> bytes:
+        """Bytes in, bytes out; never raises."""
+        ...
+
+
+def _handler_for(agent: Answerer) -> type[BaseHTTPRequestHandler]:
     class RoundHandler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -84,7 +99,7 @@ def check_port_free(settings: SiteSettings) -> None:
             raise
 
 
-def bind(settings: SiteSettings, agent: SiteAgent) -> ThreadingHTTPServer:
+def bind(settings: SiteSettings, agent: Answerer) -> ThreadingHTTPServer:
     """Bind the service's port; a port in use is a clear error, not a traceback."""
     try:
         return ThreadingHTTPServer((settings.host, settings.port), _handler_for(agent))
@@ -97,11 +112,14 @@ def bind(settings: SiteSettings, agent: SiteAgent) -> ThreadingHTTPServer:
 def serve(settings: SiteSettings) -> None:
     """Start Spark, bind, and serve until SIGTERM/SIGINT; always stop Spark."""
     check_port_free(settings)
+    keys = load_site_keys(settings)  # missing or broken keys fail before Spark starts
     agent = SiteAgent(settings)
     for problem in agent.missing_tables():
         log.warning("%s", problem)  # studies will fail with this message until it is fixed
+    if settings.approval.mode == "auto":
+        log.warning("site %s: approval mode 'auto': every protocol runs unreviewed (simulation only)", settings.site_id)
     try:
-        server = bind(settings, agent)
+        server = bind(settings, EnvelopeGate(agent, keys))
     except BaseException:
         agent.close()
         raise

@@ -58,6 +58,19 @@ class DisclosurePolicy(_Settings):
     )
 
 
+class ApprovalSettings(_Settings):
+    """Who lets a study run at this site."""
+
+    mode: Literal["steward", "auto"] = Field(
+        default="steward",
+        description=(
+            "'steward': a study runs only after the site's data steward approved its protocol's "
+            "SHA-256 (`fedrwe site approve`). 'auto': every protocol is approved automatically - "
+            "for simulations only; every reply then says so."
+        ),
+    )
+
+
 class SecureAggregationSettings(_Settings):
     """Who this site masks with: its own identity key and the network's sites (its roster)."""
 
@@ -78,6 +91,26 @@ class SecureAggregationSettings(_Settings):
     )
 
 
+class EnvelopeSettings(_Settings):
+    """The site's keys: requests must be signed by a coordinator key it trusts; replies are signed."""
+
+    coordinator_keyring: Path = Field(
+        description="Keyring (JSON) of the coordinator public keys whose requests this site accepts.",
+    )
+    site_key: Path = Field(description="This site's Ed25519 private key (PEM), which signs its replies.")
+    max_lifetime_s: float = Field(
+        default=24 * 3600.0, gt=0, le=7 * 24 * 3600.0,
+        description="Longest validity (expires_at - issued_at) of a request this site accepts.",
+    )
+    clock_skew_s: float = Field(
+        default=300.0, ge=0, le=3600.0,
+        description="How far the coordinator's clock may run ahead of the site's.",
+    )
+    reply_lifetime_s: float = Field(
+        default=3600.0, gt=0, le=24 * 3600.0, description="Validity of the site's signed replies.",
+    )
+
+
 class SiteSettings(_Settings):
     """Everything one site agent needs to run."""
 
@@ -95,6 +128,14 @@ class SiteSettings(_Settings):
     spark: SparkSettings = SparkSettings()
     policy: DisclosurePolicy = DisclosurePolicy()
     secure_aggregation: SecureAggregationSettings = SecureAggregationSettings()
+    approval: ApprovalSettings = ApprovalSettings()
+    envelopes: EnvelopeSettings | None = Field(
+        default=None,
+        description=(
+            "The site's keys. The site service refuses to start without them; only in-process "
+            "tests drive a SiteAgent without envelopes."
+        ),
+    )
 
 
 def load_site_settings(path: str | Path) -> SiteSettings:

@@ -30,7 +30,7 @@ from shared.protocol.model import StudyProtocol, load_protocol, parse_protocol
 from shared.synthetic import generate_network
 from site_agent.agent import SiteAgent
 from site_agent.cohort.store import DatasetStore
-from site_agent.settings import DisclosurePolicy, SiteSettings
+from site_agent.settings import ApprovalSettings, DisclosurePolicy, SiteSettings
 from tests.inprocess import InProcessTransport
 from tests.pooled_reference import assert_crude_equals_pooled, assert_propensity_equals_pooled
 from tests.test_cohort_rules import PROTOCOL as ONE_COMPARISON
@@ -148,7 +148,7 @@ def network(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> di
     policy = DisclosurePolicy(min_cell_count=1)
     agents = [
         SiteAgent(SiteSettings(site_id=site.name, lake=site / "lake", workdir=root / "work" / site.name,
-                               policy=policy), spark=spark)
+                               policy=policy, approval=ApprovalSettings(mode="auto")), spark=spark)
         for site in sorted((root / "data" / "sites").iterdir())
     ]
     transport = InProcessTransport(agents)

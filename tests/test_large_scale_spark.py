@@ -31,7 +31,7 @@ from shared.synthetic.vocabulary import COMPARATOR_DRUGS, KETAMINE, SOURCE_CODES
 from site_agent.agent import SiteAgent
 from site_agent.cohort.store import DatasetStore
 from site_agent.data.delta import DeltaBackend, OmopTables
-from site_agent.settings import SiteSettings
+from site_agent.settings import ApprovalSettings, SiteSettings
 from tests.inprocess import InProcessTransport
 from tests.pooled_reference import RELATIVE_TOLERANCE
 from tests.test_cohort_rules import KETAMINE as KETAMINE_CODE
@@ -90,7 +90,8 @@ def network(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> di
     root = tmp_path_factory.mktemp("network")
     generate_network(root / "data", n_sites=3, n_patients=8_000, seed=11)  # as test_study_federated
     agents = [
-        SiteAgent(SiteSettings(site_id=site.name, lake=site / "lake", workdir=root / "work" / site.name), spark=spark)
+        SiteAgent(SiteSettings(site_id=site.name, lake=site / "lake", workdir=root / "work" / site.name,
+                               approval=ApprovalSettings(mode="auto")), spark=spark)
         for site in sorted((root / "data" / "sites").iterdir())
     ]
     transport = InProcessTransport(agents)

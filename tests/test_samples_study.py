@@ -34,7 +34,7 @@ from site_agent.agent import SiteAgent
 from site_agent.cohort.store import DatasetStore
 from site_agent.data.delta import DeltaBackend, OmopTables
 from site_agent.ingest import IngestResult, IngestSettings, ingest_omop
-from site_agent.settings import DisclosurePolicy, SiteSettings
+from site_agent.settings import ApprovalSettings, DisclosurePolicy, SiteSettings
 from tests.inprocess import InProcessTransport
 from tests.pooled_reference import assert_crude_equals_pooled, assert_propensity_equals_pooled
 from tests.samples import SAMPLES
@@ -220,7 +220,7 @@ def run_sample_study(
     agents = [
         SiteAgent(
             SiteSettings(site_id=site, lake=Path(ingest.lake), workdir=root / site / "work",
-                         policy=DisclosurePolicy(min_cell_count=1)),
+                         policy=DisclosurePolicy(min_cell_count=1), approval=ApprovalSettings(mode="auto")),
             spark=spark,
         )
         for site, ingest in sorted(ingests.items())

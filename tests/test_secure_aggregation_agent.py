@@ -17,7 +17,7 @@ from coordinator.plan import StudyPlan
 from shared.protocol.messages import decode_reply
 from shared.protocol.model import StudyProtocol
 from site_agent.agent import SiteAgent
-from site_agent.settings import DisclosurePolicy, SiteSettings
+from site_agent.settings import ApprovalSettings, DisclosurePolicy, SiteSettings
 from tests.pooled_reference import RELATIVE_TOLERANCE
 from tests.test_cohort_rules import hand_built_site
 from tests.test_site_agent import PROTOCOL
@@ -37,6 +37,7 @@ def agent(tmp_path: Path, spark: SparkSession, site_id: str, require: bool = Fal
     settings = SiteSettings(
         site_id=site_id, lake=tmp_path / site_id / "lake", workdir=tmp_path / site_id / "work",
         policy=DisclosurePolicy(min_cell_count=1, require_secure_aggregation=require),
+        approval=ApprovalSettings(mode="auto"),
     )
     return SiteAgent(settings, spark=spark)
 

@@ -93,6 +93,11 @@ def test_outputs_are_written(simulation: dict[str, Any]) -> None:
     assert rounds[-1]["name"].endswith("-adjusted")
     assert len(rounds) <= 6  # the whole reference study
     assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in rounds)
+    results = simulation["results"]  # signed end to end, every site approved automatically
+    assert results["envelopes"]["signed"] is True
+    assert sorted(results["envelopes"]["site_key_ids"]) == ["site_01", "site_02", "site_03"]
+    assert {a["mode"] for a in results["site_approvals"].values()} == {"auto"}
+    assert (out / "keys" / "coordinator.pem").exists()
 
 
 @pytest.mark.integration

@@ -14,7 +14,7 @@ from shared.protocol.messages import decode_reply
 from shared.protocol.model import StudyProtocol, load_protocol
 from site_agent.agent import SiteAgent
 from site_agent.audit.log import verify_chain
-from site_agent.settings import DisclosurePolicy, SiteSettings
+from site_agent.settings import ApprovalSettings, DisclosurePolicy, SiteSettings
 from tests.omop_builder import OmopBuilder
 from tests.test_cohort_rules import hand_built_site
 
@@ -25,7 +25,7 @@ def agent_for(tmp_path: Path, spark: SparkSession, min_cell_count: int, builder:
     (builder or hand_built_site()).write(tmp_path / "lake")
     settings = SiteSettings(
         site_id="site_t", lake=tmp_path / "lake", workdir=tmp_path / "work",
-        policy=DisclosurePolicy(min_cell_count=min_cell_count),
+        policy=DisclosurePolicy(min_cell_count=min_cell_count), approval=ApprovalSettings(mode="auto"),
     )
     return SiteAgent(settings, spark=spark)
 

@@ -31,7 +31,7 @@ from flows.study import decode_replies
 from shared.protocol.model import load_protocol
 from shared.synthetic import generate_network
 from site_agent.agent import SiteAgent
-from site_agent.settings import SiteSettings
+from site_agent.settings import ApprovalSettings, SiteSettings
 from tests.inprocess import InProcessTransport
 from tests.pooled_reference import (
     RELATIVE_TOLERANCE,
@@ -49,7 +49,8 @@ def network(spark: SparkSession, tmp_path_factory: pytest.TempPathFactory) -> di
     generate_network(root / "data", n_sites=3, n_patients=8_000, seed=11)
     agents = [
         SiteAgent(
-            SiteSettings(site_id=site.name, lake=site / "lake", workdir=root / "work" / site.name),
+            SiteSettings(site_id=site.name, lake=site / "lake", workdir=root / "work" / site.name,
+                         approval=ApprovalSettings(mode="auto")),
             spark=spark,
         )
         for site in sorted((root / "data" / "sites").iterdir())

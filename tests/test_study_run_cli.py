@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from flows.localnet import LocalNetwork
-from flows.simulate import simulated_sites
+from flows.simulate import simulated_sites, simulation_keys
 from shared.synthetic import generate_network
 
 PROTOCOL = Path(__file__).parents[1] / "studies" / "ketamine_cud.yaml"
@@ -23,25 +23,37 @@ def fedrwe(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*FEDRWE, *args], capture_output=True, text=True, timeout=900, check=False)
 
 
+def signed(root: Path) -> list[str]:
+    """The options that make `fedrwe study run` sign with the simulated coordinator's key."""
+    keys = simulation_keys(root / "sites")
+    return ["--signing-key", str(keys.coordinator_key), "--site-keyring", str(keys.site_keyring)]
+
+
 @pytest.fixture(scope="module")
 def network(tmp_path_factory: pytest.TempPathFactory, prefect_api_url: str) -> Iterator[tuple[LocalNetwork, Path]]:
     root = tmp_path_factory.mktemp("net")
     generate_network(root / "data", n_sites=3, n_patients=9_000, seed=5)
     specs, _ = simulated_sites(root / "data" / "sites", root / "sites", "local[2]")
-    with LocalNetwork(root / "run", specs, prefect_api_url=prefect_api_url) as net:
+    # start_timeout_s: three Spark site services on a shared 2-core machine can take minutes
+    with LocalNetwork(root / "run", specs, prefect_api_url=prefect_api_url, start_timeout_s=400) as net:
         yield net, root
 
 
 @pytest.mark.integration
 def test_study_run_writes_results(network: tuple[LocalNetwork, Path], prefect_api_url: str, tmp_path: Path) -> None:
-    net, _ = network
+    net, root = network
     assert net.pki is not None
     done = fedrwe("study", "run", str(PROTOCOL), "--superlink", net.superlink_address,
                   "--root-certificates", str(net.pki.ca_cert),
-                  "--out", str(tmp_path), "--min-sites", "3", "--prefect-api-url", prefect_api_url)
+                  "--out", str(tmp_path), "--min-sites", "3", "--prefect-api-url", prefect_api_url, *signed(root))
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["sites"]) == 3
+    assert results["envelopes"]["signed"] is True  # requests signed, every site's reply verified
+    assert sorted(results["envelopes"]["site_key_ids"]) == ["site_01", "site_02", "site_03"]
+    assert {site: a["mode"] for site, a in results["site_approvals"].items()} == dict.fromkeys(
+        ["site_01", "site_02", "site_03"], "auto"
+    )
     for name in results["analyses"]:  # the estimates table, one row per analysis
         assert f" {name} " in done.stdout
     assert "results.json" in done.stdout
@@ -56,7 +68,7 @@ def test_a_missing_table_is_named_with_its_site(network: tuple[LocalNetwork, Pat
         assert net.pki is not None
         done = fedrwe("study", "run", str(PROTOCOL), "--superlink", net.superlink_address,
                       "--root-certificates", str(net.pki.ca_cert),
-                      "--out", str(tmp_path), "--min-sites", "3", "--prefect-api-url", prefect_api_url)
+                      "--out", str(tmp_path), "--min-sites", "3", "--prefect-api-url", prefect_api_url, *signed(root))
     finally:
         shutil.move(root / "death.moved", death)
     assert done.returncode == 2
@@ -64,6 +76,31 @@ def test_a_missing_table_is_named_with_its_site(network: tuple[LocalNetwork, Pat
     assert "site 'site_02'" in message
     assert "'death' is missing" in message
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.integration
+def test_attack_a_study_from_an_untrusted_coordinator_is_refused(
+    network: tuple[LocalNetwork, Path], prefect_api_url: str, tmp_path: Path
+) -> None:
+    """Anyone who reaches the SuperLink can submit a run: unsigned, or signed with a key of its
+    own (`fedrwe keys new`), its requests are refused by every real site service, opaquely."""
+    net, root = network
+    made = fedrwe("keys", "new", "--owner", "coordinator", "--out", str(tmp_path / "intruder"))
+    assert made.returncode == 0, made.stderr
+    intruder = ["--signing-key", str(tmp_path / "intruder" / "coordinator.pem"),
+                "--site-keyring", str(simulation_keys(root / "sites").site_keyring)]
+    for keys in ([], intruder):
+        done = fedrwe("study", "run", str(PROTOCOL), "--superlink", net.superlink_address,
+                      "--out", str(tmp_path / "out"), "--min-sites", "3", "--prefect-api-url", prefect_api_url, *keys)
+        assert done.returncode == 2
+        message = " ".join(done.stderr.split())
+        assert "envelope rejected" in message
+        assert "Traceback" not in done.stderr
+        assert not (tmp_path / "out" / "results.json").exists()
+    for site in ("site_01", "site_02", "site_03"):
+        log = root / "sites" / site / "work" / "audit" / "releases.jsonl"
+        decisions = [json.loads(line)["decision"] for line in log.read_text().splitlines()]
+        assert decisions[-1] == "envelope rejected"
 
 
 def test_a_mistyped_protocol_field_is_named(tmp_path: Path) -> None:

@@ -65,6 +65,10 @@ class RoundReply(_Message):
     round_name: str | None = None
     results: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
+    approval: dict[str, str] | None = Field(
+        default=None,
+        description="How the site approved the study: mode 'steward' (who, when, hash) or 'auto' (simulation).",
+    )
 
 
 M = TypeVar("M", bound="_Message")
