@@ -3,6 +3,7 @@
     fedrwe simulate --sites 3 --patients 30000 --seed 7 --out out/demo
     fedrwe site serve --config site.toml
     fedrwe site ingest --omop export/ --config site.toml [--care-site ID] [--strict]
+    fedrwe site audit verify --config site.toml     (and: fedrwe site audit show)
     fedrwe study run studies/ketamine_cud.yaml --superlink 127.0.0.1:9093 --out out/study
     fedrwe protocol check studies/ketamine_cud.yaml
 
@@ -21,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from flows.audit_cli import audit_app
 from shared.errors import FedRWEError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Federated real-world evidence.")
@@ -30,6 +32,7 @@ protocol_app = typer.Typer(no_args_is_help=True, help="Study protocols.")
 app.add_typer(site_app, name="site")
 app.add_typer(study_app, name="study")
 app.add_typer(protocol_app, name="protocol")
+site_app.add_typer(audit_app, name="audit")
 
 console = Console(stderr=True)
 _state = {"debug": False}
