@@ -68,6 +68,7 @@ class RowsSite:
         partials = {
             "provenance": lambda p: Release({
                 "input_versions": {}, "dataset_version": 0, "event_tables_allowed": self.policy.event_tables,
+                "time_grid": self.policy.time_grid,
             }),
             "attrition": lambda p: Release({"steps": []}),
             "arm_summary": lambda p: arm_summary(self.table),

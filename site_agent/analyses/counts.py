@@ -79,6 +79,6 @@ def arm_summary(table: EventTable) -> Release:
     # a suppressed arm size blanks the whole arm (its person-days would describe its few persons)
     paths: dict[str, tuple[str | int, ...]] = {}
     for name in ARMS.values():
-        paths[f"{name}.n"] = (name,)
+        paths[f"{name}.n"] = (name, "n")
         paths[f"{name}.events"] = (name, "events")
-    return Release(values, counts, paths=paths)
+    return Release(values, counts, paths=paths, hides={f"{name}.n": (name,) for name in ARMS.values()})

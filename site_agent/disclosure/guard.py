@@ -104,6 +104,16 @@ def _get(values: dict[str, Any], path: tuple[str | int, ...]) -> Any:
     return target
 
 
+def _hidden(values: dict[str, Any], path: tuple[str | int, ...]) -> bool:
+    """True when ``path`` or a container on the way to it was blanked."""
+    target: Any = values
+    for key in path:
+        if target is None:
+            return True
+        target = target[key]
+    return target is None
+
+
 @dataclass
 class _Exit:
     """One reply's way through the guard."""
@@ -149,8 +159,9 @@ class _Exit:
         self.outcome.withheld.update({f"{task}.{name}": n for name, n in small.items()})
         self.outcome.suppressed.extend(names)
         if all(name in release.paths for name in small):
-            for name in sorted(small, key=lambda k: -len(release.paths[k])):  # inner cells first
-                _set(values, release.paths[name], None)
+            hidden = [release.hides.get(name, release.paths[name]) for name in small]
+            for path in sorted(hidden, key=len, reverse=True):  # inner cells first
+                _set(values, path, None)
             return None
         return {
             "withheld": str(_refusal(task, small, self.policy, self.site_id, "suppressed")),
@@ -163,8 +174,10 @@ class _Exit:
             return
         scale = 1.0 / self.policy.dp_noise.epsilon
         for name, path in sorted(release.paths.items()):
+            if name in small or _hidden(values, path):
+                continue
             current = _get(values, path)
-            if name in small or not isinstance(current, int) or isinstance(current, bool):
+            if not isinstance(current, int) or isinstance(current, bool):
                 continue
             _set(values, path, max(0, round(current + float(self.rng.laplace(0.0, scale)))))
             self.outcome.noised.append(f"{task}.{name}")
