@@ -10,6 +10,7 @@ site's policy, never from a request.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -58,7 +59,7 @@ def restrict_parts(release: Release, policy: DisclosurePolicy, site_id: str) -> 
                 f"site {site_id!r} does not run analysis {name!r}: not in the site's allowed_analyses "
                 f"{list(policy.allowed_analyses)}. Fix: ask the site's data steward to allow it."
             ))
-    return Release(release.values, release.counts, parts, release.paths, release.withheld)
+    return replace(release, parts=parts)
 
 
 def check_cohort_size(n_persons: int, policy: DisclosurePolicy, site_id: str, study_id: str) -> None:
