@@ -26,6 +26,8 @@ from lifelines import KaplanMeierFitter
 from pyspark.sql import SparkSession
 
 from coordinator.plan import StudyPlan
+from coordinator.report import render_report
+from coordinator.results import build_results
 from flows.localnet import base_env, executable
 from shared.errors import SiteError
 from shared.protocol.messages import RoundReply, RoundRequest, decode_reply
@@ -106,6 +108,8 @@ def test_attack_one_patient_stratum_is_suppressed_and_no_small_count_leaves() ->
     assert analyses["crude"]["n_exposed"] is None
     assert "site 'site_1'" in analyses["crude"]["error"]
     assert "suppressed" in analyses["crude"]["error"]
+    report = render_report(build_results(plan, []))
+    assert "site site_1 suppressed (below its minimum cell count): arm_summary.exposed.events" in report
 
 
 def test_attack_one_patient_stratum_under_refuse_stops_the_site_without_the_value() -> None:
