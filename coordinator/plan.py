@@ -28,6 +28,7 @@ keys (docs/privacy.md).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,13 @@ from shared.protocol.model import StudyProtocol
 
 _ARMS = ("exposed", "comparator")
 _SUMMARY_TASKS = ("provenance", "attrition", "arm_summary")
+DISCLOSURE_KEY = "disclosure"  # a reply's label of what its site's guard suppressed or noised
+
+
+def _total(values: Iterable[int | None]) -> int | None:
+    """The sum over sites, or None when a site suppressed its value (shown as suppressed)."""
+    listed = list(values)
+    return None if any(v is None for v in listed) else sum(v for v in listed if v is not None)
 
 
 @dataclass
@@ -112,8 +120,15 @@ class StudyPlan:
 
     def _adjusted_params(self) -> dict[str, Any]:
         assert self.propensity_fit is not None
-        n_exposed = sum(site["n_exposed"] for site in self.sites.values())
-        n_total = n_exposed + sum(site["n_comparator"] for site in self.sites.values())
+        n_exposed = _total(site["n_exposed"] for site in self.sites.values())
+        n_comparator = _total(site["n_comparator"] for site in self.sites.values())
+        if n_exposed is None or n_comparator is None:
+            site_id = next(s for s, site in sorted(self.sites.items()) if None in (site["n_exposed"], site["n_comparator"]))
+            raise SiteError(site_id, (
+                "its policy suppressed an arm size, which the propensity-score weights need. Fix: run the "
+                "study without this site, or widen the cohort so that both arms reach its minimum cell count."
+            ))
+        n_total = n_exposed + n_comparator
         return {
             "beta": self.propensity_fit.beta.tolist(),
             "caliper": self.protocol.matching.caliper * self.propensity_fit.logit_sd(),
@@ -194,7 +209,7 @@ class StudyPlan:
         if self.secure:
             self.peer_keys = secure_sum.peer_keys(self.protocol.study_id, self._site_ids, ordered)
         self.event_tables = all(site["provenance"].get("event_tables_allowed", True) for site in self.sites.values())
-        without_events = [arm for arm in _ARMS if sum(s[f"events_{arm}"] for s in self.sites.values()) == 0]
+        without_events = [arm for arm in _ARMS if _total(s[f"events_{arm}"] for s in self.sites.values()) == 0]
         if without_events:
             self.crude.give_up(
                 f"no finite hazard ratio: the {' and '.join(without_events)} arm has no events at any "
@@ -255,23 +270,51 @@ class StudyPlan:
         return adjusted.combine(self.protocol, partials, site_ids, cox_fits, concepts=concepts)
 
     def _absorb_summary(self, site_id: str, results: dict[str, Any]) -> None:
+        """One site's counts; a count its policy suppressed is None, and the site's
+        ``disclosure`` label (suppressed names, noisy counts) is kept with them."""
         summary = results["arm_summary"]
+        arms = {arm: summary.get(arm) or {} for arm in _ARMS}  # a suppressed arm is None
         self.sites[site_id] = {
             "site_id": site_id,
-            **{f"n_{arm}": summary[arm]["n"] for arm in _ARMS},
-            **{f"events_{arm}": summary[arm]["events"] for arm in _ARMS},
-            **{f"person_days_{arm}": summary[arm]["person_days"] for arm in _ARMS},
-            "attrition": results["attrition"]["steps"],
+            **{f"n_{arm}": arms[arm].get("n") for arm in _ARMS},
+            **{f"events_{arm}": arms[arm].get("events") for arm in _ARMS},
+            **{f"person_days_{arm}": arms[arm].get("person_days") for arm in _ARMS},
+            "attrition": results["attrition"].get("steps", []),
             "provenance": results["provenance"],
         }
+        if DISCLOSURE_KEY in results:
+            self.sites[site_id][DISCLOSURE_KEY] = results[DISCLOSURE_KEY]
 
     def analyses(self) -> dict[str, Any]:
         """The study's estimates once :meth:`next_request` returned None."""
         counts = {
-            f"{key}_{arm}": sum(site[f"{key}_{arm}"] for site in self.sites.values())
+            f"{key}_{arm}": _total(site[f"{key}_{arm}"] for site in self.sites.values())
             for key in ("n", "events", "person_days") for arm in _ARMS
         }
         crude = {**self.crude.result(), **counts}
+        return self._labelled(self._estimates(crude))
+
+    def _labelled(self, analyses: dict[str, Any]) -> dict[str, Any]:
+        """Each analysis labelled with the sites' time grids when coarser than a day, and marked
+        approximate when a site's counts carry noise (site policy ``dp_noise``)."""
+        grids = {site_id: site["provenance"].get("time_grid", "day") for site_id, site in sorted(self.sites.items())}
+        if any(grid != "day" for grid in grids.values()):
+            note = (
+                f"event tables on the sites' time grids {grids}: Kaplan-Meier, risks, log-rank and the Cox fits "
+                f"from tables equal the pooled analysis on follow-up times rounded up to each site's grid"
+            )
+            analyses = {name: {**result, "time_grid": note} for name, result in analyses.items()}
+        noisy = {site_id: site[DISCLOSURE_KEY]["noise"] for site_id, site in sorted(self.sites.items())
+                 if "noise" in site.get(DISCLOSURE_KEY, {})}
+        if not noisy:
+            return analyses
+        note = "approximate: counts from " + ", ".join(
+            f"site {site_id!r} carry Laplace noise (epsilon {noise['epsilon']:g})" for site_id, noise in noisy.items()
+        ) + "; totals and the exposed share used by the weights are then not exact"
+        return {name: {**result, "approximate": note} for name, result in analyses.items()}
+
+    def _estimates(self, crude: dict[str, Any]) -> dict[str, Any]:
+        """The crude analysis completed from the tables, and every adjusted analysis (or its error)."""
         if self.adjusted is None:
             reason = self.adjusted_error or (
                 None if self.propensity_fit is None or self.propensity_fit.error is None

@@ -44,6 +44,20 @@ def _ci(estimate: Any, low: Any, high: Any) -> str:
     return f"{estimate:.2f} ({low:.2f}-{high:.2f})"
 
 
+def _disclosure_notes(sites: list[dict[str, Any]]) -> list[str]:
+    """One note per site whose policy suppressed or noised counts ('-' cells are suppressed)."""
+    notes = []
+    for site in sites:
+        label = site.get("disclosure") or {}
+        if label.get("suppressed"):
+            notes.append(f"site {site['site_id']} suppressed (below its minimum cell count): "
+                         f"{', '.join(label['suppressed'])}")
+        if label.get("noise"):
+            notes.append(f"site {site['site_id']} added Laplace noise (epsilon {label['noise']['epsilon']:g}) "
+                         f"to: {', '.join(label['noise']['counts'])}; estimates are approximate")
+    return [f"<p class='note'>{escape(note)}</p>" for note in notes]
+
+
 def _headline(results: dict[str, Any]) -> str:
     """The primary analysis in one sentence (the protocol's first adjusted analysis, else crude)."""
     analyses = results["analyses"]
@@ -117,6 +131,7 @@ def _comparison_parts(results: dict[str, Any]) -> list[str]:
             [[s["site_id"], s["n_exposed"], s["n_comparator"], s["events_exposed"], s["events_comparator"]]
              for s in results["sites"]],
         ),
+        *_disclosure_notes(results["sites"]),
         "<h2>Attrition</h2>",
     ]
     for site in results["sites"]:

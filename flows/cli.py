@@ -11,6 +11,7 @@
     fedrwe site approvals --config site.toml
     fedrwe keys new --owner site_01 --out keys/     (a private key and its public keyring)
     fedrwe keys trust keyring.json --add site_01.keyring.json [--retire-others-at ISO]
+    fedrwe site audit verify --config site.toml     (and: fedrwe site audit show)
     fedrwe protocol check studies/ketamine_cud.yaml
 
 Site commands import only the site agent (no Prefect); study commands only the
@@ -28,6 +29,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from flows.audit_cli import audit_app
 from shared.errors import FedRWEError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Federated real-world evidence.")
@@ -41,6 +43,7 @@ app.add_typer(study_app, name="study")
 app.add_typer(protocol_app, name="protocol")
 app.add_typer(pki_app, name="pki")
 app.add_typer(keys_app, name="keys")
+site_app.add_typer(audit_app, name="audit")
 
 console = Console(stderr=True)
 _state = {"debug": False}

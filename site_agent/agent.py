@@ -9,15 +9,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from pyspark.sql import SparkSession
 
 from shared.errors import DisclosureRefused, FedRWEError, NotApproved, ProtocolError
 from shared.omop import STUDY_TABLES
 from shared.privacy.masked_tasks import KEY_TASK
-from shared.protocol.messages import RoundReply, RoundRequest, decode_request, is_ping
+from shared.protocol.messages import (
+    RoundReply,
+    RoundRequest,
+    canonical_json,
+    decode_request,
+    is_ping,
+)
 from shared.protocol.model import StudyProtocol, parse_protocol
 from shared.stats.cox import EventTable
 from site_agent.analyses.adjusted import adjusted, weighted_cox
@@ -34,11 +42,19 @@ from site_agent.analyses.release import Release
 from site_agent.analyses.rows import AnalysisRows, analysis_rows
 from site_agent.analyses.tables import event_table
 from site_agent.approval import approval_store
-from site_agent.audit.log import AuditLog
+from site_agent.audit.delta_log import DeltaAuditLog
 from site_agent.cohort.store import AnalysisDataset, DatasetStore
 from site_agent.data.delta import DeltaBackend, OmopTables
 from site_agent.data.spark import start_spark
+from site_agent.disclosure.differencing import CohortRegistry
 from site_agent.disclosure.guard import compute_tasks, guarded
+from site_agent.disclosure.ledger import RequestLedger
+from site_agent.disclosure.policy_checks import (
+    check_cohort_size,
+    check_design,
+    refused_task,
+    restrict_parts,
+)
 from site_agent.secure_aggregation import from_settings
 from site_agent.settings import SiteSettings
 
@@ -113,7 +129,10 @@ class SiteAgent:
         backend = DeltaBackend(self.spark, settings.site_id)
         self._tables = OmopTables(backend, settings.lake, settings.site_id)
         self._store = DatasetStore(backend, self._tables, settings.workdir, settings.site_id)
-        self._audit = AuditLog(settings.workdir / "audit" / "releases.jsonl")
+        self._audit = DeltaAuditLog(settings.workdir / "audit")
+        self._ledger = RequestLedger(settings.workdir / "disclosure" / "ledger.json", settings.site_id)
+        self._cohorts = CohortRegistry(settings.workdir / "disclosure" / "cohorts", settings.site_id)
+        self._rng = np.random.default_rng()  # OS entropy: the noise must not be reproducible off-site
         self._approvals = approval_store(settings.workdir)
         self._states: dict[str, _StudyState] = {}
         self._replies: dict[str, bytes] = {}
@@ -163,19 +182,23 @@ class SiteAgent:
         withheld: dict[str, int] = {}
         approval = self._automatic_approval()
         cacheable = True
+        suppressed: list[str] = []
+        released_sha256: str | None = None
         try:
             if is_ping(payload):
                 ping = RoundReply(status="ok", site_id=self.site_id, results={"ping": "pong"}, approval=approval)
                 return ping.to_bytes(), True
             request = decode_request(payload)
             approval = self._approval(request)
-            released = guarded(lambda: self._compute(request), self.settings.policy, self.site_id)
+            released = guarded(lambda: self._compute(request), self.settings.policy, self.site_id, self._rng)
             reply = RoundReply(
                 status="ok", site_id=self.site_id, study_id=request.study_id,
                 round_name=request.round_name, results=self._secure.protect(request, released.values),
             )
             withheld = released.withheld  # parts withheld for small counts: values stay in the log
-            decision = "released" if not withheld else "released with parts withheld"
+            suppressed = released.suppressed
+            released_sha256 = hashlib.sha256(canonical_json(released.values)).hexdigest()
+            decision = "suppressed" if suppressed else "released" if not withheld else "released with parts withheld"
         except NotApproved as refusal:
             reply = self._failure("refused", request, self._named(refusal))
             decision = "refused: protocol not approved"
@@ -205,6 +228,8 @@ class SiteAgent:
             reply_sha256=hashlib.sha256(encoded).hexdigest(),
             reason=reply.error,
             withheld=withheld,
+            suppressed=suppressed,
+            released_sha256=released_sha256,
         )
         return encoded, cacheable
 
@@ -282,16 +307,25 @@ class SiteAgent:
         return protocol.resolve(request.comparison)
 
     def _state(self, protocol: StudyProtocol) -> _StudyState:
+        """The study's dataset and tables; a new cohort passes the cohort checks before any use."""
         dataset = self._store.get(protocol)
         state = self._states.get(protocol.study_id)
         if state is None or state.dataset.key != dataset.key:
             state = _StudyState(protocol, dataset, event_table(dataset.frame))
+            self._check_cohort(protocol.study_id, state.rows.person_id)
             self._states[protocol.study_id] = state
         return state
+
+    def _check_cohort(self, study_key: str, person_id: np.typing.NDArray[np.int64]) -> None:
+        """min_cohort_size, then the differencing guard (docs/privacy.md); nothing released yet."""
+        policy = self.settings.policy
+        check_cohort_size(len(person_id), policy, self.site_id, study_key)
+        self._cohorts.check_and_record(study_key, person_id, policy.min_cell_count)
 
     def _compute(self, request: RoundRequest) -> dict[str, Release]:
         protocol = self._protocol(request)
         self._secure.check(request, protocol, self.settings.policy)
+        self._ledger.admit(protocol.study_id, hashlib.sha256(request.to_bytes()).hexdigest(), self.settings.policy)
         state = self._state(protocol)
         limit = self.settings.policy.max_abs_coefficient
         policy = self.settings.policy
@@ -300,14 +334,15 @@ class SiteAgent:
             "attrition": lambda params: attrition(state.dataset.attrition, min_cell_count),
             "arm_summary": lambda params: arm_summary(state.events),
             "crude_cox": lambda params: crude_cox(state.events, params, limit),
-            "propensity": lambda params: propensity(state.rows_with(params, min_cell_count), params, limit),
-            "adjusted": lambda params: adjusted(
-                state.rows_with(params, min_cell_count), protocol, params, limit, min_cell_count,
+            "propensity": lambda params: propensity(self._design(state, "propensity", params), params, limit),
+            "adjusted": lambda params: restrict_parts(adjusted(
+                self._design(state, "adjusted", params), protocol, params, limit, min_cell_count,
                 event_tables=policy.event_tables and bool(params.get("event_tables", True)),
-            ),
-            "weighted_cox": lambda params: weighted_cox(
-                state.rows_with(params["propensity"], min_cell_count), protocol, params, limit,
-            ),
+                grid_days=policy.grid_days(),  # the policy's grid: a request cannot make it finer
+            ), policy, self.site_id),
+            "weighted_cox": lambda params: restrict_parts(weighted_cox(
+                self._design(state, "weighted_cox", params["propensity"]), protocol, params, limit,
+            ), policy, self.site_id),
             KEY_TASK: lambda params: self._secure.key_release(request),
             CONCEPT_TASK: lambda params: concept_counts(state.features, len(state.rows.person_id), min_cell_count),
             "provenance": lambda params: Release({
@@ -316,7 +351,25 @@ class SiteAgent:
                 "dataset_rebuilt": state.dataset.rebuilt,
                 "cohort_seconds": state.dataset.build_seconds,
                 "event_tables_allowed": policy.event_tables,
+                "time_grid": policy.time_grid,
             }),
         }
-        return compute_tasks(partials, request.tasks)
+        return compute_tasks({name: self._allowed(name, partial) for name, partial in partials.items()}, request.tasks)
+
+    def _allowed(self, task: str, partial: Callable[[dict[str, Any]], Release]) -> Callable[[dict[str, Any]], Release]:
+        """``partial``, or one refusing the task when the policy's allowed_analyses exclude it."""
+        reason = refused_task(task, self.settings.policy, self.site_id)
+        if reason is None:
+            return partial
+
+        def refuse(params: dict[str, Any]) -> Release:
+            raise DisclosureRefused(reason)
+        return refuse
+
+    def _design(self, state: _StudyState, task: str, params: dict[str, Any]) -> AnalysisRows:
+        """The PS model's rows for ``task``, checked against the policy's model limits."""
+        rows = state.rows_with(params, self.settings.policy.min_cell_count)
+        names = ["intercept", *state.protocol.covariate_columns(), *(params.get("concepts") or [])]
+        check_design(task, rows.design, names, self.settings.policy, self.site_id)
+        return rows
 

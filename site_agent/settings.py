@@ -26,6 +26,18 @@ class SparkSettings(_Settings):
     shuffle_partitions: int = Field(default=8, ge=1, le=10_000, description="spark.sql.shuffle.partitions.")
 
 
+TimeGrid = Literal["day", "week", "month"]
+GRID_DAYS: dict[str, int] = {"day": 1, "week": 7, "month": 30}
+PolicyAnalysis = Literal["crude", "propensity", "matched", "iptw_ate", "iptw_att", "overlap", "large_scale"]
+ALL_ANALYSES: tuple[PolicyAnalysis, ...] = ("crude", "propensity", "matched", "iptw_ate", "iptw_att", "overlap", "large_scale")
+
+
+class NoiseSettings(_Settings):
+    """Laplace noise on released counts (scale 1 / epsilon: one person changes a count by 1)."""
+
+    epsilon: float = Field(gt=0.0, le=100.0, description="Privacy parameter per released count; smaller is noisier.")
+
+
 class DisclosurePolicy(_Settings):
     """What may leave the site. Owned by the site's data steward."""
 
@@ -47,6 +59,56 @@ class DisclosurePolicy(_Settings):
             "gradients into plain counts."
         ),
     )
+    below_minimum: Literal["refuse", "suppress"] = Field(
+        default="refuse",
+        description=(
+            "What a count below min_cell_count does: `refuse` the whole reply, or `suppress` the "
+            "task (or part) it belongs to, which is sent as a marker naming the count (never its value)."
+        ),
+    )
+    time_grid: TimeGrid = Field(
+        default="day",
+        description=(
+            "Grid of the event tables and matched risk-set tables that leave the site: follow-up "
+            "times are rounded up to the end of their day, week (7 days) or month (30 days)."
+        ),
+    )
+    allowed_analyses: list[PolicyAnalysis] = Field(
+        default_factory=lambda: list(ALL_ANALYSES), min_length=1,
+        description="Analyses the site runs (crude, propensity, matched, iptw_ate, iptw_att, overlap, large_scale).",
+    )
+    max_rounds_per_study: int = Field(
+        default=100, ge=1, le=100_000,
+        description="Most distinct requests the site answers for one study comparison, over all its runs.",
+    )
+    max_studies_per_period: int = Field(
+        default=50, ge=1, le=100_000,
+        description="Most distinct study comparisons the site starts within `period_days`.",
+    )
+    period_days: int = Field(default=30, ge=1, le=3650, description="The period of `max_studies_per_period`, in days.")
+    min_cohort_size: int | None = Field(
+        default=None, ge=1, le=1_000_000,
+        description="Smallest cohort (persons) the site computes anything on; default: min_cell_count.",
+    )
+    max_parameters_per_patients: float = Field(
+        default=1.0, ge=0.0, le=1000.0,
+        description=(
+            "A model with p parameters needs at least p x this many persons at the site; "
+            "otherwise its gradient and Hessian say too much about each person."
+        ),
+    )
+    dp_noise: NoiseSettings | None = Field(
+        default=None,
+        description="Opt-in Laplace noise on released counts; estimates that use them are then labelled approximate.",
+    )
+
+    def cohort_minimum(self) -> int:
+        """The smallest cohort the site computes on (``min_cohort_size``, else ``min_cell_count``)."""
+        return self.min_cohort_size if self.min_cohort_size is not None else self.min_cell_count
+
+    def grid_days(self) -> int:
+        """Width of the time grid in days."""
+        return GRID_DAYS[self.time_grid]
 
 
     require_secure_aggregation: bool = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pyspark.sql import SparkSession
@@ -21,23 +22,27 @@ from tests.test_cohort_rules import hand_built_site
 PROTOCOL = load_protocol(Path(__file__).parents[1] / "studies" / "ketamine_cud.yaml")
 
 
-def agent_for(tmp_path: Path, spark: SparkSession, min_cell_count: int, builder: OmopBuilder | None = None) -> SiteAgent:
+def agent_for(
+    tmp_path: Path, spark: SparkSession, min_cell_count: int, builder: OmopBuilder | None = None, **policy: Any,
+) -> SiteAgent:
     (builder or hand_built_site()).write(tmp_path / "lake")
     settings = SiteSettings(
         site_id="site_t", lake=tmp_path / "lake", workdir=tmp_path / "work",
-        policy=DisclosurePolicy(min_cell_count=min_cell_count), approval=ApprovalSettings(mode="auto"),
+        policy=DisclosurePolicy(min_cell_count=min_cell_count, **policy), approval=ApprovalSettings(mode="auto"),
     )
     return SiteAgent(settings, spark=spark)
 
 
 @pytest.fixture(scope="module")
 def strict_agent(tmp_path_factory: pytest.TempPathFactory, spark: SparkSession) -> SiteAgent:
-    return agent_for(tmp_path_factory.mktemp("strict"), spark, min_cell_count=10)
+    # a cohort this small is refused whole by default (min_cohort_size): 1 lets the cell check speak
+    return agent_for(tmp_path_factory.mktemp("strict"), spark, min_cell_count=10, min_cohort_size=1)
 
 
 @pytest.fixture(scope="module")
 def open_agent(tmp_path_factory: pytest.TempPathFactory, spark: SparkSession) -> SiteAgent:
-    return agent_for(tmp_path_factory.mktemp("open"), spark, min_cell_count=1)
+    # the hand-built cohort has fewer persons than the PS model has parameters: allowed here
+    return agent_for(tmp_path_factory.mktemp("open"), spark, min_cell_count=1, max_parameters_per_patients=0.0)
 
 
 def summary_request() -> bytes:
@@ -69,7 +74,7 @@ def test_the_request_cannot_lower_the_threshold(strict_agent: SiteAgent) -> None
 
 
 def test_release_passes_when_policy_allows_and_every_decision_is_logged(tmp_path: Path, spark: SparkSession) -> None:
-    agent = agent_for(tmp_path, spark, min_cell_count=1)
+    agent = agent_for(tmp_path, spark, min_cell_count=1, max_parameters_per_patients=0.0)
     reply = decode_reply(agent.handle(summary_request()))
     assert reply.status == "ok", reply.error
     assert reply.results["arm_summary"]["exposed"] == {"n": 3, "events": 1, "person_days": 60 + 365 + 365}

@@ -34,6 +34,7 @@ from shared.stats.stratified_cox import (
     window_meat,
 )
 from shared.stats.weights import propensity_weights
+from site_agent.analyses.grid import coarsen_days
 from site_agent.analyses.limits import check_coefficients
 from site_agent.analyses.release import Release
 from site_agent.analyses.rows import AnalysisRows
@@ -141,16 +142,19 @@ def _counts(part: dict[str, Any]) -> dict[str, int]:
 
 def adjusted(
     rows: AnalysisRows, protocol: StudyProtocol, params: dict[str, Any], max_abs_coefficient: float,
-    min_cell_count: int, event_tables: bool = True,
+    min_cell_count: int, event_tables: bool = True, grid_days: int = 1,
 ) -> Release:
     """Every propensity-score analysis of the protocol on this site's rows, as aggregates.
 
     Each analysis is a separable part of the release: if one has a count below the site's
     minimum, the guard withholds that analysis alone. Without ``event_tables`` (the site's
     policy keeps event days at the site) a part carries the site's own fit instead of its
-    event table, and the weighted Cox models continue in ``weighted_cox`` rounds.
+    event table, and the weighted Cox models continue in ``weighted_cox`` rounds. The event
+    tables and matched risk-set configurations carry follow-up times on the policy's grid
+    (``grid_days``; site_agent/analyses/grid.py), person-days stay exact.
     """
     scored = score_and_weight(rows, protocol, params, max_abs_coefficient)
+    time = coarsen_days(rows.time, grid_days)
     treatment = rows.treatment.astype(np.int64)
     values: dict[str, Any] = {
         "histogram": _histogram(scored.score, rows.treatment, min_cell_count),
@@ -164,13 +168,13 @@ def adjusted(
             "moments": arm_moments(rows.design[:, 1:], treatment, weight).to_json(),
         }
         if event_tables:
-            part["table"] = weighted_event_table(rows.time, rows.treatment, rows.event, weight).to_json()
+            part["table"] = weighted_event_table(time, rows.treatment, rows.event, weight).to_json()
         elif name != "matched":
             part["local_fit"] = local_fit(rows, weight, robust=name != "crude")
         if name == "matched" and scored.set_id is not None:
             matched = scored.set_id >= 0
             part["configurations"] = configurations_to_json(risk_set_configurations(
-                scored.set_id[matched], treatment[matched], rows.time[matched], rows.event[matched], protocol.cut_days(),
+                scored.set_id[matched], treatment[matched], time[matched], rows.event[matched], protocol.cut_days(),
             ))
         parts[name] = Release(part, _counts(part))
     return Release(values, parts=parts)

@@ -63,7 +63,10 @@ def attrition(steps: list[AttritionStep], min_cell_count: int) -> Release:
 
 
 def arm_summary(table: EventTable) -> Release:
-    """Persons, events and person-days per arm, from the event table."""
+    """Persons, events and person-days per arm, from the event table.
+
+    Under a ``suppress`` policy a small arm is sent as null and a small number of events as
+    a null ``events``."""
     values: dict[str, dict[str, int]] = {}
     counts: dict[str, int] = {}
     for arm, name in ARMS.items():
@@ -73,4 +76,9 @@ def arm_summary(table: EventTable) -> Release:
         values[name] = {"n": n, "events": events, "person_days": person_days}
         counts[f"{name}.n"] = n
         counts[f"{name}.events"] = events
-    return Release(values, counts)
+    # a suppressed arm size blanks the whole arm (its person-days would describe its few persons)
+    paths: dict[str, tuple[str | int, ...]] = {}
+    for name in ARMS.values():
+        paths[f"{name}.n"] = (name, "n")
+        paths[f"{name}.events"] = (name, "events")
+    return Release(values, counts, paths=paths, hides={f"{name}.n": (name,) for name in ARMS.values()})
