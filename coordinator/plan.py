@@ -282,8 +282,8 @@ class StudyPlan:
             "attrition": results["attrition"].get("steps", []),
             "provenance": results["provenance"],
         }
-        if DISCLOSURE_KEY in results:
-            self.sites[site_id][DISCLOSURE_KEY] = results[DISCLOSURE_KEY]
+        # what the site's guard suppressed or noised, listed even when nothing was
+        self.sites[site_id][DISCLOSURE_KEY] = results.get(DISCLOSURE_KEY) or {"suppressed": []}
 
     def analyses(self) -> dict[str, Any]:
         """The study's estimates once :meth:`next_request` returned None."""

@@ -34,7 +34,7 @@ from shared.protocol.messages import RoundReply, RoundRequest, decode_reply
 from shared.protocol.model import StudyProtocol
 from site_agent.agent import SiteAgent
 from site_agent.audit.delta_log import DeltaAuditLog, verify
-from site_agent.settings import DisclosurePolicy, SiteSettings
+from site_agent.settings import ApprovalSettings, DisclosurePolicy, SiteSettings
 from tests.rows_site import RowsSite, rows_from_frame
 from tests.test_adjusted_estimators import COVARIATES, make_rows, pooled_fit, protocol, split
 from tests.test_cohort_rules import hand_built_site
@@ -369,7 +369,8 @@ def site_agent(lake: Path, studies: Path, workdir: Path, spark: SparkSession, **
     """A real agent with its own workdir (ledger, cohorts, audit) sharing the built datasets."""
     workdir.mkdir(parents=True)
     (workdir / "studies").symlink_to(studies)
-    settings = SiteSettings(site_id="site_a", lake=lake, workdir=workdir, policy=DisclosurePolicy(**policy))
+    settings = SiteSettings(site_id="site_a", lake=lake, workdir=workdir, policy=DisclosurePolicy(**policy),
+                            approval=ApprovalSettings(mode="auto"))
     return SiteAgent(settings, spark=spark)
 
 

@@ -90,7 +90,9 @@ def test_attack_a_study_from_an_untrusted_coordinator_is_refused(
     intruder = ["--signing-key", str(tmp_path / "intruder" / "coordinator.pem"),
                 "--site-keyring", str(simulation_keys(root / "sites").site_keyring)]
     for keys in ([], intruder):
+        assert net.pki is not None
         done = fedrwe("study", "run", str(PROTOCOL), "--superlink", net.superlink_address,
+                      "--root-certificates", str(net.pki.ca_cert),
                       "--out", str(tmp_path / "out"), "--min-sites", "3", "--prefect-api-url", prefect_api_url, *keys)
         assert done.returncode == 2
         message = " ".join(done.stderr.split())
