@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from coordinator.plan import StudyPlan  # noqa: E402
 from coordinator.results import build_results  # noqa: E402
-from flows.study import decode_replies  # noqa: E402
+from flows.rounds import decode_replies  # noqa: E402
 from shared.protocol.model import load_protocol  # noqa: E402
 from shared.synthetic import generate_network  # noqa: E402
 from site_agent.agent import SiteAgent  # noqa: E402

@@ -96,9 +96,9 @@ class CoordinatorEnvelopes:
 
 
 def _unsigned_transport_error(data: bytes) -> bool:
-    """Whether ``data`` is an error reply made by the transport: status error, no results."""
+    """Whether ``data`` is an error reply made by the transport: status unavailable, no results."""
     try:
         body = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(body, dict) and body.get("status") == "error" and not body.get("results")
+    return isinstance(body, dict) and body.get("status") == "unavailable" and not body.get("results")

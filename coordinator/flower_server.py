@@ -29,7 +29,7 @@ import httpx
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from shared.errors import TransportError
+from shared.errors import NoReply, TransportError
 from shared.protocol.wire import PAYLOAD_KEY, RECORD_NAME, error_reply
 
 DEFAULT_ENTRYPOINT = "flows.study:run_study"
@@ -147,8 +147,9 @@ class FlowerTransport:
         """Send ``payloads[node]`` to each node and return each node's reply bytes.
 
         Raises:
-            TransportError: a message could not be pushed, or not every node replied
-                within ``timeout_s`` (names the missing nodes, the round, the timeout).
+            TransportError: a message could not be pushed.
+            NoReply: not every node replied within ``timeout_s`` (names the missing nodes,
+                the round, the timeout; carries the replies that came).
         """
         start = self._clock()
         node_of = self._push(round_name, payloads, timeout_s)
@@ -169,13 +170,22 @@ class FlowerTransport:
                 break
             if self._clock() >= deadline:
                 missing = sorted(set(node_of.values()) - set(replies))
-                raise TransportError(
+                self._record(round_name, node_of, payloads, replies, start, stale, missing)
+                raise NoReply(
                     f"round {round_name!r}: no reply from SuperNode(s) {missing} within "
                     f"{timeout_s:g} s ({len(replies)} of {len(node_of)} replied). Fix: check "
                     "those sites' SuperNode and site-service logs, or raise the round's "
-                    "timeout if their computation is legitimately slow."
+                    "timeout if their computation is legitimately slow.",
+                    replies, missing,
                 )
             self._sleep(self._poll_interval_s)
+        self._record(round_name, node_of, payloads, replies, start, stale, [])
+        return replies
+
+    def _record(
+        self, round_name: str, node_of: Mapping[str, int], payloads: Mapping[int, bytes],
+        replies: Mapping[int, bytes], start: float, stale: int, missing: list[int],
+    ) -> None:
         self.exchanges.append(
             {
                 "round": round_name,
@@ -184,9 +194,9 @@ class FlowerTransport:
                 "bytes_sent": sum(len(p) for p in payloads.values()),
                 "bytes_received": sum(len(r) for r in replies.values()),
                 "stale_discarded": stale,
+                "missing": missing,
             }
         )
-        return replies
 
     def _push(
         self, round_name: str, payloads: Mapping[int, bytes], timeout_s: float

@@ -61,6 +61,8 @@ class StudyPlan:
     study: StudyProtocol
     comparison: str | None = None
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    participants: list[str] | None = None  # None: every site that answers the first round
+    attempt: int = 1  # > 1 after a restart without sites that dropped out (flows/study.py)
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     _round: int = 0
 
@@ -111,6 +113,11 @@ class StudyPlan:
             return self._request("cox", {WeightedCoxFit.task: {"propensity": self._adjusted_params(), "fits": cox_pending}})
         return None
 
+    @property
+    def rounds_absorbed(self) -> int:
+        """How many rounds' replies the plan has taken in (0: nothing central computed yet)."""
+        return self._round
+
     def _fit_params(self, fit: CrudeCoxFit | PropensityFit) -> dict[str, Any]:
         """A fit's next point; under secure aggregation its first point, without the sites' own fits."""
         if not self.secure:
@@ -139,6 +146,8 @@ class StudyPlan:
     def _request(self, name: str, tasks: dict[str, dict[str, Any]]) -> RoundRequest:
         self._kind = name
         prefix = f"{self.comparison}/" if self.comparison else ""
+        if self.attempt > 1:
+            prefix += f"attempt-{self.attempt}/"
         self._round_name = f"{prefix}{self._round + 1}-{name}"
         return RoundRequest(
             study_id=self.study.study_id,
@@ -148,6 +157,7 @@ class StudyPlan:
             protocol=self.study.model_dump(mode="json"),
             protocol_sha256=self.study.sha256(),
             comparison=self.comparison,
+            participants=sorted(self.sites) if self._round > 0 else self.participants,
             tasks=tasks,
             secure_aggregation_peers=dict(self.peer_keys) if self.secure and self._round > 0 else None,
         )

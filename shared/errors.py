@@ -148,6 +148,16 @@ class TransportError(FedRWEError):
     """A process, port or message of the transport could not be used."""
 
 
+class NoReply(TransportError):
+    """Some nodes did not reply within a round's timeout: ``replies`` holds the replies that
+    came (node id -> bytes), ``missing`` the silent node ids."""
+
+    def __init__(self, message: str, replies: dict[int, bytes], missing: list[int]) -> None:
+        super().__init__(message)
+        self.replies = dict(replies)
+        self.missing = list(missing)
+
+
 ENVELOPE_REJECTED = (
     "envelope rejected. Fix: check that the coordinator and the sites hold each other's current "
     "public keys (keyrings), that their clocks agree, and start a new run of the study rather "
@@ -169,3 +179,7 @@ class InvalidEnvelope(FedRWEError):
 
 class NotApproved(FedRWEError):
     """A site's data steward has not approved this study protocol (its SHA-256)."""
+
+
+class NotAParticipant(FedRWEError):
+    """A request's run leaves this site out (it dropped out earlier); nothing is computed."""

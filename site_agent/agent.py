@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 from pyspark.sql import SparkSession
 
-from shared.errors import DisclosureRefused, FedRWEError, NotApproved, ProtocolError
+from shared.errors import (
+    DisclosureRefused,
+    FedRWEError,
+    NotAParticipant,
+    NotApproved,
+    ProtocolError,
+)
 from shared.omop import STUDY_TABLES
 from shared.privacy.masked_tasks import KEY_TASK
 from shared.protocol.messages import (
@@ -189,6 +195,7 @@ class SiteAgent:
                 ping = RoundReply(status="ok", site_id=self.site_id, results={"ping": "pong"}, approval=approval)
                 return ping.to_bytes(), True
             request = decode_request(payload)
+            self._check_participant(request)
             approval = self._approval(request)
             released = guarded(lambda: self._compute(request), self.settings.policy, self.site_id, self._rng)
             reply = RoundReply(
@@ -199,6 +206,9 @@ class SiteAgent:
             suppressed = released.suppressed
             released_sha256 = hashlib.sha256(canonical_json(released.values)).hexdigest()
             decision = "suppressed" if suppressed else "released" if not withheld else "released with parts withheld"
+        except NotAParticipant as refusal:
+            reply = self._failure("refused", request, str(refusal))
+            decision = "refused: not a participant of this run"
         except NotApproved as refusal:
             reply = self._failure("refused", request, self._named(refusal))
             decision = "refused: protocol not approved"
@@ -232,6 +242,15 @@ class SiteAgent:
             released_sha256=released_sha256,
         )
         return encoded, cacheable
+
+    def _check_participant(self, request: RoundRequest) -> None:
+        """A run that restarted without this site (it dropped out) gets nothing computed."""
+        if request.participants is not None and self.site_id not in request.participants:
+            raise NotAParticipant(
+                f"site {self.site_id!r}: run {request.run_id} of study {request.study_id!r} continues "
+                f"with sites {request.participants} only (this site dropped out of it); nothing was "
+                f"computed. Fix: none needed; the next run of the study includes this site again."
+            )
 
     def _named(self, error: Exception) -> str:
         """The error's message, starting with this site's name."""

@@ -266,8 +266,12 @@ def test_attack_an_unsigned_reply_with_results(site: Site) -> None:
     fake = RoundReply(status="ok", site_id=SITE, results={"arm_summary": {"n": 1}}).to_bytes()
     with pytest.raises(InvalidEnvelope):
         site.coordinator.open({101: fake}, sealed)
-    error = RoundReply(status="error", site_id=SITE, error="site service unreachable").to_bytes()
+    error = RoundReply(status="unavailable", site_id=SITE, error="site service unreachable").to_bytes()
     assert site.coordinator.open({101: error}, sealed) == {101: error}
+    # a site's own error is signed: an unsigned one is not the transport's, so it is refused
+    forged = RoundReply(status="error", site_id=SITE, error="disk full").to_bytes()
+    with pytest.raises(InvalidEnvelope):
+        site.coordinator.open({101: forged}, sealed)
 
 
 # ---------------------------------------------------------------- key rotation

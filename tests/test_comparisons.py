@@ -23,10 +23,11 @@ from pyspark.sql import SparkSession
 from coordinator.plan import StudyPlan
 from coordinator.report import render_report
 from coordinator.results import comparison_results, comparison_views, study_results
-from flows.study import decode_replies, study_flow
+from flows.rounds import decode_replies
+from flows.study import study_flow
 from shared.errors import ProtocolError
 from shared.protocol.messages import RoundReply
-from shared.protocol.model import StudyProtocol, load_protocol, parse_protocol
+from shared.protocol.model import Quorum, StudyProtocol, load_protocol, parse_protocol
 from shared.synthetic import generate_network
 from site_agent.agent import SiteAgent
 from site_agent.cohort.store import DatasetStore
@@ -256,19 +257,47 @@ class _OneSiteFailsOneComparison(InProcessTransport):
         return replies
 
 
-def test_the_study_flow_keeps_the_other_comparisons_when_one_fails(
+def test_a_site_that_errs_in_one_comparison_is_left_out_of_it_only(
     network: dict[str, Any], prefect_api_url: str, tmp_path: Path
 ) -> None:
+    """site_01 answers vs_midazolam's first round with an error: that comparison goes on with
+    site_02 and site_03 (the default quorum is one site) and says so; the others keep site_01."""
     transport = _OneSiteFailsOneComparison(network["agents"])
     with temporary_settings(updates={PREFECT_API_URL: prefect_api_url}):
         study_flow(transport, REFERENCE, str(tmp_path), 60.0)
     results = json.loads((tmp_path / "results.json").read_text())
+    by_id = {c["comparison_id"]: c for c in results["comparisons"]}
+    assert all("error" not in c for c in by_id.values())
+    assert by_id["vs_anaesthetics"]["participation"] == {
+        "sites": ["site_01", "site_02", "site_03"], "attempts": 1, "dropped": [],
+        "note": "every analysis of this comparison uses exactly these sites"}
+    midazolam = by_id["vs_midazolam"]
+    assert midazolam["participation"]["sites"] == ["site_02", "site_03"]
+    assert midazolam["participation"]["dropped"] == [{
+        "site_id": "site_01", "comparison": "vs_midazolam", "round_name": "vs_midazolam/1-summary",
+        "status": "error", "reason": "disk full. Fix: free space"}]
+    # its counts are exactly the two remaining sites' counts
+    full = network["plans"]["vs_midazolam"].sites
+    assert [s["site_id"] for s in midazolam["sites"]] == ["site_02", "site_03"]
+    for arm in ("exposed", "comparator"):
+        assert midazolam["analyses"]["crude"][f"n_{arm}"] == full["site_02"][f"n_{arm}"] + full["site_03"][f"n_{arm}"]
+    # the comparisons that ran on every site equal the ones run without the flow
+    for comparison in ("vs_anaesthetics", "vs_antidepressants"):
+        assert by_id[comparison]["analyses"]["matched"]["hr"] == network["plans"][comparison].analyses()["matched"]["hr"]
+
+
+def test_a_required_site_that_errs_fails_its_comparison_and_names_the_quorum(
+    network: dict[str, Any], prefect_api_url: str, tmp_path: Path
+) -> None:
+    strict = REFERENCE.model_copy(update={"quorum": Quorum(required_sites=["site_01"])})
+    transport = _OneSiteFailsOneComparison(network["agents"])
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api_url}):
+        study_flow(transport, strict, str(tmp_path), 60.0)
+    results = json.loads((tmp_path / "results.json").read_text())
     failed = {c["comparison_id"]: c.get("error") for c in results["comparisons"]}
     assert failed["vs_anaesthetics"] is None
-    assert failed["vs_antidepressants"] is None
-    assert failed["vs_midazolam"] == "SiteError: site 'site_01' failed: disk full. Fix: free space"
-    # the comparisons that ran equal the ones run without the flow (same data, same rules)
-    for comparison in ("vs_anaesthetics", "vs_antidepressants"):
-        ran = next(c for c in results["comparisons"] if c["comparison_id"] == comparison)
-        assert ran["analyses"]["matched"]["hr"] == network["plans"][comparison].analyses()["matched"]["hr"]
+    assert failed["vs_midazolam"].startswith("InsufficientSites: comparison 'vs_midazolam'")
+    assert "required site(s) ['site_01'] are not among them" in failed["vs_midazolam"]
+    assert "site_01 at vs_midazolam/1-summary (error: disk full. Fix: free space)" in failed["vs_midazolam"]
+    assert "Fix: bring the dropped sites back" in failed["vs_midazolam"]
     assert "This comparison has no results" in (tmp_path / "report.html").read_text()

@@ -22,7 +22,7 @@ from deltalake import DeltaTable
 from pyspark.sql import SparkSession
 
 from coordinator.plan import StudyPlan
-from flows.study import decode_replies
+from flows.rounds import decode_replies
 from shared.omop import LOCAL_CONCEPT_START
 from shared.protocol.messages import decode_reply
 from shared.protocol.model import StudyProtocol, load_protocol

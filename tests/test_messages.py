@@ -8,7 +8,7 @@ import pytest
 
 from coordinator.flower_server import _error_payload
 from coordinator.plan import StudyPlan
-from flows.study import decode_replies
+from flows.rounds import decode_replies
 from shared.errors import SiteError
 from shared.protocol.messages import MESSAGE_SCHEMA_VERSION, RoundReply, decode_reply
 from shared.protocol.model import load_protocol

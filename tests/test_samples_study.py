@@ -28,7 +28,7 @@ from pyspark.sql import SparkSession
 
 from coordinator.plan import StudyPlan
 from coordinator.results import build_results, write_results
-from flows.study import decode_replies
+from flows.rounds import decode_replies
 from shared.protocol.model import CodeSet, StudyProtocol, load_protocol
 from site_agent.agent import SiteAgent
 from site_agent.cohort.store import DatasetStore

@@ -27,7 +27,7 @@ from statsmodels.duration.hazard_regression import PHReg
 
 from coordinator.plan import StudyPlan
 from coordinator.results import build_results, write_results
-from flows.study import decode_replies
+from flows.rounds import decode_replies
 from shared.protocol.model import load_protocol
 from shared.synthetic import generate_network
 from site_agent.agent import SiteAgent

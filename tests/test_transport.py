@@ -33,7 +33,7 @@ from coordinator.flower_server import (
 )
 from flows.flower_runs import stage_app
 from flows.localnet import LocalNetwork, SiteSpec, claim_port
-from shared.errors import TransportError
+from shared.errors import NoReply, TransportError
 from site_agent import flower_client
 
 ECHO_SERVICE = Path(__file__).with_name("echo_site_service.py")
@@ -175,14 +175,17 @@ def test_timeout_names_missing_nodes_round_and_timeout() -> None:
         return FakeGrid.pull_messages(grid, message_ids)
 
     grid.pull_messages = only_node_12  # type: ignore[method-assign]
-    with pytest.raises(TransportError) as err:
+    with pytest.raises(NoReply) as err:
         transport.exchange("propensity-3", dict.fromkeys([11, 12, 13], b"q"), timeout_s=2.5)
 
     text = str(err.value)
     assert "[11, 13]" in text
     assert "'propensity-3'" in text
     assert "2.5 s" in text
-    assert transport.exchanges == []
+    # the replies that came travel with the error, and the exchange is on record as partial
+    assert err.value.replies == {12: b"ok"}
+    assert err.value.missing == [11, 13]
+    assert [e["missing"] for e in transport.exchanges] == [[11, 13]]
 
 
 def test_refused_push_names_the_node() -> None:
@@ -205,7 +208,7 @@ def test_flower_error_reply_becomes_a_json_error_payload() -> None:
 
     grid.pull_messages = crash  # type: ignore[method-assign]
     reply = json.loads(transport.exchange("r", {5: b"q"}, timeout_s=1.0)[5])
-    assert reply["status"] == "error"
+    assert reply["status"] == "unavailable"
     assert reply["site_id"] == "node-5"
     assert "ClientApp crashed" in reply["error"]
 
@@ -279,7 +282,7 @@ def test_client_replies_with_an_error_when_the_service_is_down() -> None:
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     ctx = _context({"site-id": "site_y", "service-url": dead, "service-timeout-s": 2.0})
     payload = _reply_payload(flower_client.query(_instruction(b"{}"), ctx))
-    assert payload["status"] == "error"
+    assert payload["status"] == "unavailable"
     assert payload["site_id"] == "site_y"
     assert f"{dead}/v1/round" in str(payload["error"])
     assert "Fix:" in str(payload["error"])
@@ -288,7 +291,7 @@ def test_client_replies_with_an_error_when_the_service_is_down() -> None:
 def test_client_replies_with_an_error_on_non_200(echo_url: str) -> None:
     ctx = _context({"site-id": "site_x", "service-url": echo_url})
     payload = _reply_payload(flower_client.query(_instruction(b"not json"), ctx))
-    assert payload["status"] == "error"
+    assert payload["status"] == "unavailable"
     assert "HTTP 400" in str(payload["error"])
 
 
@@ -299,7 +302,7 @@ def test_client_replies_with_an_error_on_a_malformed_message() -> None:
     msg.metadata.__dict__["_message_id"] = "m"
     ctx = _context({"site-id": "site_x", "service-url": "http://127.0.0.1:1"})
     payload = _reply_payload(flower_client.query(msg, ctx))
-    assert payload["status"] == "error"
+    assert payload["status"] == "unavailable"
     assert RECORD_NAME in str(payload["error"])
 
 

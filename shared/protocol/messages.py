@@ -45,6 +45,14 @@ class RoundRequest(_Message):
         default=None, description="Which of the protocol's comparisons (None: its only one).",
     )
     tasks: dict[str, dict[str, Any]] = Field(description="Partial computation name -> inputs.")
+    participants: list[str] | None = Field(
+        default=None,
+        description=(
+            "The sites taking part in this run of the comparison (None: every site that answers). "
+            "After a site dropped out the comparison restarts without it; a site not listed "
+            "computes nothing and answers 'refused'."
+        ),
+    )
     secure_aggregation_peers: dict[str, dict[str, str]] | None = Field(
         default=None,
         description=(
@@ -59,7 +67,12 @@ class RoundReply(_Message):
     """A site's answer: the partial results, or why it could not or would not answer."""
 
     schema_version: Literal[1] = MESSAGE_SCHEMA_VERSION
-    status: Literal["ok", "error", "refused"]
+    status: Literal["ok", "error", "refused", "unavailable"] = Field(
+        description=(
+            "ok; error or refused: the site's own answer; unavailable: made by the transport when "
+            "the site could not be reached (retried, then the site drops out)."
+        ),
+    )
     site_id: str
     study_id: str | None = None
     round_name: str | None = None

@@ -330,6 +330,24 @@ class Weighting(_Strict):
     truncate_at: float | None = Field(default=None, gt=1.0, description="Cap every weight at this value.")
 
 
+class Quorum(_Strict):
+    """Which sites a comparison needs: a site that drops out (no answer after the round's
+    retries, or an error or refusal) is left out and the comparison restarts on the others,
+    as long as this quorum still holds (docs/reliability.md)."""
+
+    min_sites: int = Field(default=1, ge=1, le=1000, description="Fewest sites a comparison may finish with.")
+    required_sites: list[str] = Field(
+        default_factory=list,
+        description="Sites (by site id) without which no comparison runs; their dropping out fails it.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Quorum:
+        if len(set(self.required_sites)) != len(self.required_sites):
+            raise ValueError(f"quorum.required_sites {self.required_sites} repeat a site; list each once")
+        return self
+
+
 class Restriction(_Strict):
     """A required condition: only persons with a record of ``codes`` in ``window`` stay
     (e.g. CUD patients with depression for the paper's second comparison)."""
@@ -401,6 +419,11 @@ class StudyProtocol(_Strict):
             "the coordinator learns only their sum over sites. Allows the crude and propensity "
             "analyses only (docs/privacy.md)."
         ),
+    )
+
+    quorum: Quorum = Field(
+        default_factory=Quorum,
+        description="Fewest sites (and named required sites) a comparison may finish with when sites drop out.",
     )
 
     @model_validator(mode="after")
@@ -616,6 +639,7 @@ _ADDED_SINCE_SCHEMA_1: tuple[tuple[tuple[str, ...], object], ...] = (
     (("time_at_risk", "end_anchor"), "cohort_start"),
     (("study_population", "censor_at_death"), True),
     (("secure_aggregation",), False),
+    (("quorum",), {"min_sites": 1, "required_sites": []}),
 )
 
 

@@ -13,6 +13,7 @@ REPLY_SCHEMA_VERSION = 1  # equals shared.protocol.messages.MESSAGE_SCHEMA_VERSI
 
 
 def error_reply(site_id: str, error: str) -> bytes:
-    """A RoundReply with status "error", for failures outside the site agent (transport)."""
-    body = {"schema_version": REPLY_SCHEMA_VERSION, "status": "error", "site_id": site_id, "error": error}
+    """A RoundReply with status "unavailable", for failures outside the site agent (transport):
+    the coordinator retries the round, then leaves the site out."""
+    body = {"schema_version": REPLY_SCHEMA_VERSION, "status": "unavailable", "site_id": site_id, "error": error}
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
