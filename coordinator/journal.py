@@ -49,6 +49,7 @@ class RoundJournal:
         self.header = header
         self._entries = entries
         self._next = 0  # index of the next journaled round to replay
+        self._replayed = 0
 
     @property
     def run_id(self) -> str:
@@ -58,7 +59,7 @@ class RoundJournal:
     @property
     def replayed(self) -> int:
         """How many journaled rounds were handed back so far."""
-        return self._next
+        return self._replayed
 
     @classmethod
     def start(cls, out_dir: Path, study_id: str, protocol_sha256: str, run_id: str) -> RoundJournal:
@@ -147,6 +148,7 @@ class RoundJournal:
                 f"with the same fedrwe version, or start a new run in another --out folder."
             )
         self._next += 1
+        self._replayed += 1
         return dict(entry["outcome"])
 
     def record(self, round_name: str, request_bytes: bytes, outcome: dict[str, Any]) -> None:

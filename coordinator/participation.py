@@ -13,9 +13,9 @@ refusal. What happens next depends on how far the comparison got:
 
 Either way the protocol's ``quorum`` must still hold, or the comparison fails with the
 dropped sites and their reasons. A site that could not be reached stays out for the rest
-of the run (waiting for it again would cost each later round its timeout); a site that
-answered with an error or refusal is asked again in the next comparison, whose question
-differs.
+of the run (waiting for it again would cost each later round its timeout: flows/rounds.py
+skips its node); a site that answered with an error or refusal is asked again in the next
+comparison, whose question differs.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 from shared.errors import InsufficientSites
 from shared.protocol.model import Quorum
 
-UNAVAILABLE = "unavailable"
+UNAVAILABLE = "unavailable"  # the status of a site that could not be reached
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,6 @@ class Participation:
     study_id: str
     quorum: Quorum
     dropouts: list[Dropout] = field(default_factory=list)
-
-    @property
-    def unreachable(self) -> set[str]:
-        """Sites that could not be reached: left out of every later round of this run."""
-        return {d.site_id for d in self.dropouts if d.status == UNAVAILABLE}
 
     def drop(self, comparison: str | None, round_name: str, failed: dict[str, tuple[str, str]]) -> None:
         """Record ``failed`` (site id -> (status, reason)) as dropouts of ``comparison``."""

@@ -79,6 +79,32 @@ def study_results(
     return {**header, **body, "software": software_versions(), **(extra or {})}
 
 
+# What differs between two runs of the same protocol on the same data: ids, clocks and
+# durations. Everything else in results.json is byte-identical across reruns and resumes.
+VOLATILE_TOP_LEVEL = ("run_id", "generated_at", "orchestration")
+VOLATILE_ROUND_FIELDS = ("seconds",)
+VOLATILE_PROVENANCE_FIELDS = ("cohort_seconds",)
+
+
+def stable_view(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` without its volatile fields (the run's ids, times and durations).
+
+    Two runs (or a run and its resume) of the same protocol on the same data have equal
+    stable views, byte for byte as JSON: tests/test_reliability.py holds that.
+    """
+    view = json.loads(json.dumps(results))
+    for key in VOLATILE_TOP_LEVEL:
+        view.pop(key, None)
+    for comparison in view.get("comparisons", [view]):
+        for record in comparison.get("rounds", []):
+            for key in VOLATILE_ROUND_FIELDS:
+                record.pop(key, None)
+        for site in comparison.get("sites", []):
+            for key in VOLATILE_PROVENANCE_FIELDS:
+                site.get("provenance", {}).pop(key, None)
+    return dict(view)
+
+
 def comparison_views(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each comparison's results merged with the study's header, as one-comparison results
     read (``comparison_id`` None for a one-comparison study)."""

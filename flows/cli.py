@@ -264,6 +264,34 @@ def study_run(
     Console().print(f"results in {out / 'results.json'}")
 
 
+@study_app.command("resume")
+def study_resume(
+    study_id: Annotated[str, typer.Argument(help="The interrupted study's id.")],
+    superlink: Annotated[str, typer.Option(help="Control API address of the SuperLink, host:port.")],
+    out: Annotated[Path, typer.Option(help="The interrupted run's folder (its --out).")] = Path("out/study"),
+    prefect_api_url: Annotated[
+        str | None, typer.Option(envvar="PREFECT_API_URL", help="Prefect server (default: the one the run used).")
+    ] = None,
+    root_certificates: Annotated[
+        Path | None, typer.Option(help="The federation's CA certificate (ca.pem): the SuperLink's TLS is checked against it.")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="Plain HTTP, for a SuperLink started with --insecure (debugging only).")
+    ] = False,
+) -> None:
+    """Continue an interrupted study run from its last completed round (its journal in --out)."""
+    from flows.submit import resume_study_on_superlink
+
+    results = resume_study_on_superlink(
+        study_id, superlink, out, prefect_api_url, root_certificates=root_certificates, insecure=insecure,
+    )
+    from flows.summary import print_estimates
+
+    print_estimates(Console(), results)
+    replayed = results.get("orchestration", {}).get("rounds_replayed", 0)
+    Console().print(f"resumed run {results['run_id']} ({replayed} rounds from the journal); results in {out / 'results.json'}")
+
+
 @protocol_app.command("check")
 def protocol_check(protocol: Annotated[Path, typer.Argument(help="Study protocol YAML.")]) -> None:
     """Validate a protocol and print its hash."""

@@ -199,17 +199,25 @@ def _http_probe(client: httpx.Client, url: str) -> Probe:
     return probe
 
 
-def _log_probe(path: Path, pattern: re.Pattern[str]) -> Probe:
-    """Return a probe that finds the first group of ``pattern`` once it is logged."""
+def _log_probe(path: Path, pattern: re.Pattern[str], after: int = 0) -> Probe:
+    """Return a probe that finds the first group of ``pattern`` once it is logged (at or
+    beyond byte ``after`` of the log: a restarted process appends to its old log)."""
 
     def probe() -> str | None:
-        with contextlib.suppress(OSError):
-            if match := pattern.search(path.read_text(encoding="utf-8", errors="replace")):
+        with contextlib.suppress(OSError), path.open("rb") as log:
+            log.seek(after)
+            if match := pattern.search(log.read().decode("utf-8", errors="replace")):
                 return match.group(1)
         return None
 
     probe.__doc__ = f"{path.name} never logged {pattern.pattern!r}"
     return probe
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    with contextlib.suppress(psutil.Error):
+        return list(process.cmdline())
+    return []
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -324,6 +332,7 @@ class LocalNetwork:
         self.insecure = insecure
         self.pki = None if insecure else pki
         self.registered_node_ids: dict[str, int] = {}  # site id -> node id given at registration
+        self.site_ports: dict[str, tuple[int, int]] = {}  # site id -> (service port, SuperNode port)
 
     # -- context manager
     def __enter__(self) -> LocalNetwork:
@@ -388,6 +397,7 @@ class LocalNetwork:
 
     def _start_all(self, prefect_port: int, site_ports: list[tuple[int, int]]) -> None:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.site_ports = {site.site_id: ports for site, ports in zip(self.sites, site_ports, strict=True)}
         t0 = time.monotonic()
         if self.prefect_api_url:
             _check_external_prefect(self.prefect_api_url)
@@ -594,6 +604,38 @@ class LocalNetwork:
             config, flwr_home=self.run_dir / "flwr_home" / "cli", run_dir=self.run_dir,
             timeout_s=timeout_s,
         )
+
+    # -- fault injection: real signals to real processes (tests and operator drills)
+    def signal_process(self, name: str, sig: int) -> None:
+        """Send ``sig`` to a started process and everything in its process group (a site
+        service's Spark JVM too), e.g. ``signal_process("site_02-service", SIGKILL)``."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.processes[name].popen.pid, sig)
+
+    def serverapp_pids(self) -> list[int]:
+        """Pids of the ServerApp processes (the coordinator of each running study)."""
+        with contextlib.suppress(psutil.Error):
+            link = psutil.Process(self.processes["superlink"].popen.pid)
+            return sorted(p.pid for p in link.children(recursive=True)
+                          if any("flwr-serverapp" in part for part in _cmdline(p)))
+        return []
+
+    def restart(self, site_id: str, part: str) -> None:
+        """Start a site's ``service`` or ``supernode`` again (after it was killed); wait until ready."""
+        site = next(s for s in self.sites if s.site_id == site_id)
+        service_port, supernode_port = self.site_ports[site_id]
+        name = f"{site_id}-{part}"
+        with contextlib.suppress(ProcessLookupError):
+            self.processes[name].popen.wait(timeout=30)  # reap the killed one
+        log_end = self.processes[name].log_path.stat().st_size
+        if part == "service":
+            self._start_service(site, service_port)
+        else:
+            self._start_supernode(site, service_port, supernode_port)
+        with httpx.Client(timeout=1.0) as client:
+            probe = (_http_probe(client, f"http://{HOST}:{service_port}/v1/health") if part == "service"
+                     else _log_probe(self.processes[name].log_path, SUPERNODE_READY, after=log_end))
+            self._wait_ready({name: probe})
 
     # -- stop
     def stop(self) -> None:

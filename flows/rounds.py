@@ -54,6 +54,8 @@ class RoundOutcome:
         nodes: site id -> SuperNode id it answered from.
         verified: site id -> the key id that signed its reply (signed runs).
         record: the round's name, seconds and bytes, as results.json lists rounds.
+        lost_nodes: SuperNodes that did not answer with a site's own reply (silent, or
+            the transport answered for them): left out of the run's later rounds.
     """
 
     replies: dict[str, RoundReply]
@@ -61,6 +63,7 @@ class RoundOutcome:
     nodes: dict[str, int] = field(default_factory=dict)
     verified: dict[str, str] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
+    lost_nodes: list[int] = field(default_factory=list)
 
     def ok(self) -> dict[str, RoundReply]:
         """The replies with results."""
@@ -80,6 +83,7 @@ class RoundOutcome:
             "replies": {site: reply.model_dump(mode="json") for site, reply in sorted(self.replies.items())},
             "unreachable": dict(sorted(self.unreachable.items())), "nodes": dict(sorted(self.nodes.items())),
             "verified": dict(sorted(self.verified.items())), "record": self.record,
+            "lost_nodes": sorted(self.lost_nodes),
         }
 
     @classmethod
@@ -89,6 +93,7 @@ class RoundOutcome:
             replies={site: RoundReply.model_validate(reply) for site, reply in data["replies"].items()},
             unreachable=dict(data["unreachable"]), nodes={s: int(n) for s, n in data["nodes"].items()},
             verified=dict(data["verified"]), record=dict(data["record"]),
+            lost_nodes=[int(node) for node in data["lost_nodes"]],
         )
 
 
@@ -137,13 +142,22 @@ def sort_replies(
     request: RoundRequest, replies: dict[str, RoundReply], nodes: dict[str, int],
     silent_nodes: list[int], known_nodes: dict[int, str], timeout_s: float,
 ) -> RoundOutcome:
-    """Answers of the sites taking part, and who could not be reached (see the module doc)."""
+    """Answers of the sites taking part, and who could not be reached (see the module doc).
+
+    Once a request names its participants, only they count: a node that is no site of
+    theirs (a site left out earlier, an unknown node) is neither an answer nor a loss.
+    """
+    def counts(site: str) -> bool:
+        return request.participants is None or site in request.participants
+
     outcome = RoundOutcome(replies={})
     for site, reply in replies.items():
-        site_id = known_nodes.get(nodes[site], site) if reply.status == UNAVAILABLE else site
         if reply.status == UNAVAILABLE:
-            outcome.unreachable[site_id] = reply.error or "unreachable"
-        elif request.participants is None or site in request.participants:
+            outcome.lost_nodes.append(nodes[site])
+            site_id = known_nodes.get(nodes[site], site)
+            if counts(site_id):
+                outcome.unreachable[site_id] = reply.error or "unreachable"
+        elif counts(site):
             answered = (reply.study_id, reply.round_name)
             if reply.status == "ok" and answered != (request.study_id, request.round_name):
                 reply = RoundReply(status="error", site_id=site, error=(
@@ -152,12 +166,14 @@ def sort_replies(
             outcome.replies[site] = reply
             outcome.nodes[site] = nodes[site]
     for node in silent_nodes:
-        outcome.unreachable[known_nodes.get(node, f"node-{node}")] = (
-            f"no reply within the round's timeout of {timeout_s:g} s"
-        )
+        outcome.lost_nodes.append(node)
+        site_id = known_nodes.get(node, f"node-{node}")
+        if counts(site_id):
+            outcome.unreachable[site_id] = f"no reply within the round's timeout of {timeout_s:g} s"
     for site in request.participants or []:
         if site not in outcome.replies and site not in outcome.unreachable:
             outcome.unreachable[site] = "its SuperNode is not connected to the SuperLink"
+    outcome.lost_nodes.sort()
     return outcome
 
 
@@ -227,12 +243,9 @@ class RoundRunner:
         self.approvals: dict[str, Any] = {}
         self.known_nodes: dict[int, str] = {}
         self.verified: dict[str, str] = {}
+        self.lost_nodes: set[int] = set()  # nodes that could not be reached: skipped from then on
 
-    def skip_nodes(self, unreachable: set[str]) -> frozenset[int]:
-        """Nodes of sites that could not be reached earlier in the run."""
-        return frozenset(node for node, site in self.known_nodes.items() if site in unreachable)
-
-    def exchange(self, request: RoundRequest, unreachable: set[str]) -> RoundOutcome:
+    def exchange(self, request: RoundRequest) -> RoundOutcome:
         """The outcome of ``request``: from the journal while it lasts, else from the sites."""
         plain = request.to_bytes()
         stored = self.journal.replay(request.round_name, plain) if self.journal is not None else None
@@ -243,13 +256,14 @@ class RoundRunner:
             sealed = self.envelopes.seal(plain, request_lifetime_s(self.timeout_s)) if self.envelopes else None
             outcome = exchange_round.with_options(task_run_name=request.round_name)(
                 self.transport, request, self.timeout_s, self.envelopes, sealed,
-                self.skip_nodes(unreachable), dict(self.known_nodes),
+                frozenset(self.lost_nodes), dict(self.known_nodes),
             )
             if self.journal is not None:
                 self.journal.record(request.round_name, plain, outcome.to_json())
             lost = f"; unreachable: {sorted(outcome.unreachable)}" if outcome.unreachable else ""
             print(f"round {request.round_name}: {outcome.record['seconds']:.2f} s, {len(outcome.replies)} sites{lost}")
         self.known_nodes.update({node: site for site, node in outcome.nodes.items()})
+        self.lost_nodes.update(outcome.lost_nodes)
         self.verified.update(outcome.verified)
         self.approvals.update({site: reply.approval for site, reply in outcome.replies.items() if reply.approval})
         return outcome

@@ -180,6 +180,7 @@ def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, 
     out = settings.out.resolve()
     protocol = load_protocol(settings.protocol)  # a bad protocol fails before any work
     claim_output_folder(out)
+    shutil.rmtree(out / "journal", ignore_errors=True)  # this folder's earlier run: simulate starts afresh
     timings: dict[str, Any] = {}
     started = time.perf_counter()
 

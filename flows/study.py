@@ -65,10 +65,10 @@ def run_comparison(
                          participants=sites, attempt=attempt)
         restart = False
         while (request := plan.next_request()) is not None:
-            outcome = runner.exchange(request, participation.unreachable)
+            outcome = runner.exchange(request)
             rounds.append(outcome.record)
             answered = outcome.ok()
-            if failed := outcome.failed():
+            if failed := outcome.failed():  # only sites taking part: a restart always has fewer
                 participation.drop(comparison, request.round_name, failed)
                 participation.check(comparison, sorted(answered))
                 if plan.rounds_absorbed > 0:  # a fit holds sums over the old sites: start again

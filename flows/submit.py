@@ -8,10 +8,12 @@ failure without it is a transport problem and keeps the transport's message.
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from coordinator.journal import JOURNAL_DIR
 from flows.flower_runs import FlowerRun, RunConfig, submit_run, write_cli_config
 from shared.errors import FedRWEError, SettingsError, TransportError
 from shared.protocol.model import load_protocol
@@ -106,3 +108,59 @@ def run_study_on_superlink(
             f"next to the SuperLink. Fix: read it there, or run `fedrwe study run` on that host."
         )
     return dict(json.loads(results.read_text(encoding="utf-8")))
+
+
+def resume_run_config(study_id: str, out: Path) -> dict[str, Any]:
+    """The run config of the interrupted run of ``study_id`` in ``out``, set to resume.
+
+    The protocol text, keys and options are the ones the run was started with (its
+    ``run/run_config.toml``), so the resumed run asks the very same questions.
+
+    Raises:
+        SettingsError: ``out`` holds no run, another study's run, or a finished one.
+    """
+    stored = out / "run" / "run_config.toml"
+    head = out / JOURNAL_DIR / "run.json"
+    if not stored.exists() or not head.exists():
+        missing = stored if not stored.exists() else head
+        raise SettingsError(
+            f"no interrupted study run in {out} ({missing} is missing). Fix: pass the --out folder the "
+            f"study was started with (`fedrwe study run ... --out DIR`)."
+        )
+    journal = json.loads(head.read_text(encoding="utf-8"))
+    if journal.get("study_id") != study_id:
+        raise SettingsError(
+            f"{out} holds a run of study {journal.get('study_id')!r}, not {study_id!r}. Fix: pass "
+            f"{journal.get('study_id')!r}, or the --out folder of study {study_id!r}."
+        )
+    if journal.get("status") == "complete":
+        raise SettingsError(
+            f"the run of study {study_id!r} in {out} is complete; there is nothing to resume. Fix: read "
+            f"{out / 'results.json'}, or start a new run with `fedrwe study run`."
+        )
+    config = tomllib.loads(stored.read_text(encoding="utf-8"))
+    return {**config, "resume": "true"}
+
+
+def resume_study_on_superlink(
+    study_id: str,
+    superlink: str,
+    out: Path,
+    prefect_api_url: str | None,
+    *,
+    root_certificates: Path | None = None,
+    insecure: bool = False,
+) -> dict[str, Any]:
+    """``fedrwe study resume``: continue the interrupted run in ``out`` on the SuperLink."""
+    config = resume_run_config(study_id, out.resolve())
+    if prefect_api_url:
+        config["prefect-api-url"] = prefect_api_url
+    run_dir = out / "run"
+    flwr_home = run_dir / "flwr_home"
+    write_cli_config(flwr_home, superlink, root_certificates=transport_root_certificates(root_certificates, insecure))
+
+    def submit(run_config: RunConfig) -> FlowerRun:
+        return submit_run(run_config, flwr_home=flwr_home, run_dir=run_dir)
+
+    run_and_explain(submit, config, out, run_dir / "logs")
+    return dict(json.loads((out.resolve() / "results.json").read_text(encoding="utf-8")))
