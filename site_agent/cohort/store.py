@@ -126,7 +126,7 @@ class DatasetStore:
         target = self.path(protocol.study_id).parent / "data_quality.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(report.to_json(), encoding="utf-8")
-        report.raise_for_errors()
+        report.raise_for_errors(target)
 
     def _build(self, protocol: StudyProtocol, path: Path, key: str) -> None:
         self._check_quality(protocol)
