@@ -265,6 +265,18 @@ def test_an_empty_cohort_is_refused_naming_the_site_and_the_fix(tmp_path: Path, 
     assert_clear(reply, "refused", f"study {PROTOCOL.study_id!r}", "min_cohort_size 1")
 
 
+def test_a_site_without_any_exposure_record_names_the_concept_set(tmp_path: Path, spark: SparkSession) -> None:
+    """The site codes ketamine otherwise: its cohort would be empty, and the error says why."""
+    builder = hand_built_site()
+    for exposure in builder.rows["drug_exposure"]:
+        if exposure["drug_source_value"] == "6130":
+            exposure["drug_source_value"] = "K-6130"
+    agent = make_agent(tmp_path, spark, builder)
+    reply = send_untouched(agent, json.dumps(summary_request()).encode())
+    assert_clear(reply, "error", "no record matches 1 concept set(s)", "`exposure.codes` (ketamine: RxNorm source "
+                 "codes ['6130'])", "searched in drug_exposure")
+
+
 def test_a_cohort_below_the_sites_minimum_is_refused_and_a_retry_changes_nothing(
     tmp_path: Path, spark: SparkSession,
 ) -> None:
