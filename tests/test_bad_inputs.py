@@ -343,6 +343,25 @@ def test_a_corrupted_table_is_a_clear_error_naming_site_table_and_fix(
     assert_clear(reply, "error", *expected)
 
 
+def test_a_lost_file_of_a_study_dataset_rebuilds_it_from_the_untouched_lake(tmp_path: Path, spark: SparkSession) -> None:
+    """The analysis dataset is the site's cache of the cohort: a lost file means a new build."""
+    agent = make_agent(tmp_path, spark)
+    first = decode_reply(agent.handle(json.dumps(summary_request()).encode()))
+    assert first.status == "ok", first.error
+    dataset = agent.settings.workdir / "studies" / PROTOCOL.study_id / "analysis_dataset"
+    version = DeltaTable(str(dataset)).version()
+    for uri in DeltaTable(str(dataset)).file_uris():
+        os.remove(uri.removeprefix("file://"))
+    fresh = SiteAgent(agent.settings, spark=spark)  # a restarted agent: nothing cached in memory
+    lake = delta_versions(agent.settings.lake)
+    reply = decode_reply(fresh.handle(json.dumps(summary_request()).encode()))
+    assert reply.status == "ok", reply.error
+    assert reply.results["provenance"]["dataset_rebuilt"] is True
+    assert reply.results["arm_summary"] == first.results["arm_summary"]
+    assert DeltaTable(str(dataset)).version() == version + 1
+    assert delta_versions(agent.settings.lake) == lake
+
+
 def test_a_table_written_with_compatible_types_is_read_as_the_cdm_types(
     tmp_path: Path, spark: SparkSession, baseline: RoundReply,
 ) -> None:

@@ -73,7 +73,11 @@ class DatasetStore:
             if loaded.features is not None:
                 loaded.features.unpersist()
         path = self.path(protocol.study_id)
-        rebuilt = self._backend.last_commit_metadata(path).get(_KEY) != key or self._features_stale(protocol, key)
+        rebuilt = (
+            self._backend.last_commit_metadata(path).get(_KEY) != key
+            or self._features_stale(protocol, key)
+            or self._backend.lost_files(path)  # a data file of the cached dataset is gone: build it anew
+        )
         started = time.perf_counter()
         if rebuilt:
             self._build(protocol, path, key)

@@ -80,6 +80,10 @@ class DeltaBackend:
         )
         return DeltaTable(str(path)).version()
 
+    def lost_files(self, path: Path) -> bool:
+        """True when the table at ``path`` exists but a data file its log lists is gone."""
+        return self.exists(path) and bool(missing_data_files(DeltaTable(str(path))))
+
     def last_commit_metadata(self, path: Path) -> dict[str, object]:
         """The custom metadata of the table's latest commit (empty if no table)."""
         if not self.exists(path):
