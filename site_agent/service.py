@@ -28,8 +28,7 @@ from types import FrameType
 from typing import Protocol
 
 from shared.errors import FedRWEError, TransportError
-from shared.protocol.messages import MAX_MESSAGE_BYTES
-from shared.protocol.wire import error_reply
+from shared.protocol.messages import MAX_MESSAGE_BYTES, RoundReply
 from site_agent.agent import SiteAgent
 from site_agent.envelopes import EnvelopeGate, load_site_keys
 from site_agent.settings import SiteSettings, load_site_settings
@@ -74,7 +73,8 @@ def _handler_for(agent: Answerer) -> type[BaseHTTPRequestHandler]:
             length = int(header) if header.isdigit() else 0
             if not 0 < length <= _MAX_BODY:
                 self.close_connection = True  # the body is not read
-                self._send(413, error_reply(agent.site_id, _body_refused(agent.site_id, header)), "application/json")
+                refused = RoundReply(status="error", site_id=agent.site_id, error=_body_refused(agent.site_id, header))
+                self._send(413, refused.to_bytes(), "application/json")
                 return
             self._send(200, agent.handle(self.rfile.read(length)), "application/octet-stream")
 
