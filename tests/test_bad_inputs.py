@@ -433,43 +433,39 @@ def _warnings(agent: SiteAgent, check: str) -> dict[str, int]:
     return {f["table"]: f["count"] for f in report["findings"] if f["check"] == check and f["severity"] == "warning"}
 
 
-def test_a_drug_exposure_ending_before_it_starts_is_used_from_its_start_and_reported(
+def test_implausible_dates_and_negative_ages_are_used_or_dropped_counted_and_reported(
     tmp_path: Path, spark: SparkSession, baseline: RoundReply,
 ) -> None:
-    """Used and counted: the exposure's end is taken as its start (docs/cohort_rules.md), a warning."""
-    builder = hand_built_site()
-    exposure = builder.rows["drug_exposure"][0]
-    exposure["drug_exposure_end_date"] = exposure["drug_exposure_start_date"].replace(year=2000)
-    agent = make_agent(tmp_path, spark, builder)
-    reply = send_untouched(agent, json.dumps(summary_request()).encode())
-    assert reply.status == "ok", reply.error
-    assert reply.results["arm_summary"] == baseline.results["arm_summary"]
-    assert _warnings(agent, "end_before_start") == {"drug_exposure": 1}
+    """Used and counted, on one site (one cohort build):
 
-
-@pytest.mark.parametrize(
-    ("year_of_birth", "also"),
-    [pytest.param(2017, None, id="born_after_index"), pytest.param(2090, "birth_in_future", id="born_in_future")],
-)
-def test_negative_ages_drop_the_person_at_the_age_step_and_are_reported(
-    tmp_path: Path, spark: SparkSession, baseline: RoundReply, year_of_birth: int, also: str | None,
-) -> None:
-    """Dropped and counted: person 1 (exposed, index 2016) has events before birth, a negative age."""
+    - person 2's propofol (comparator, index 2016-06-01) ends in 2000, before it starts: the
+      exposure's end is taken as its start (docs/cohort_rules.md); warning ``end_before_start``;
+    - person 1 (exposed, index 2016) is born in 2017: events before birth, age -1 at index;
+    - person 11 (exposed, index 2016) is born in 2090, after today: age -74 at index.
+    Both are dropped at the age step of the attrition (which counts them) with warnings
+    ``event_before_birth`` and ``birth_in_future``.
+    """
     builder = hand_built_site()
-    builder.rows["person"][0]["year_of_birth"] = year_of_birth
+    births = {1: 2017, 11: 2090}
+    for person in builder.rows["person"]:
+        person["year_of_birth"] = births.get(person["person_id"], person["year_of_birth"])
+    propofol = next(row for row in builder.rows["drug_exposure"] if row["person_id"] == 2)
+    propofol["drug_exposure_end_date"] = propofol["drug_exposure_start_date"].replace(year=2000)
     agent = make_agent(tmp_path, spark, builder)
     reply = send_untouched(agent, json.dumps(summary_request()).encode())
     assert reply.status == "ok", reply.error
     before, after = _steps(baseline), _steps(reply)
     assert after["washout"] == before["washout"]
-    assert after["age"] == (before["age"][0] - 1, before["age"][1])  # one exposed person fewer
-    assert reply.results["arm_summary"]["exposed"]["n"] == baseline.results["arm_summary"]["exposed"]["n"] - 1
-    found = _warnings(agent, "event_before_birth")
-    assert found["condition_occurrence"] >= 1
-    assert found["drug_exposure"] >= 1
-    assert found["observation_period"] == 1
-    if also is not None:
-        assert _warnings(agent, also) == {"person": 1}
+    assert after["age"] == (before["age"][0] - 2, before["age"][1])  # two exposed persons fewer
+    exposed, comparator = (reply.results["arm_summary"][arm] for arm in ("exposed", "comparator"))
+    assert exposed["n"] == baseline.results["arm_summary"]["exposed"]["n"] - 2
+    assert comparator == baseline.results["arm_summary"]["comparator"]  # person 2 as before
+    assert _warnings(agent, "end_before_start") == {"drug_exposure": 1}
+    assert _warnings(agent, "birth_in_future") == {"person": 1}
+    before_birth = _warnings(agent, "event_before_birth")
+    assert before_birth["observation_period"] == 2
+    assert before_birth["condition_occurrence"] >= 2
+    assert before_birth["drug_exposure"] == 2
 
 
 # 5. Bad messages ---------------------------------------------------------------------------
