@@ -33,6 +33,7 @@ from shared.protocol.messages import (
     is_ping,
 )
 from shared.protocol.model import StudyProtocol, parse_protocol
+from shared.protocol.task_params import check_task_params
 from shared.stats.cox import EventTable
 from site_agent.analyses.adjusted import adjusted, weighted_cox
 from site_agent.analyses.counts import arm_summary, attrition
@@ -343,6 +344,7 @@ class SiteAgent:
 
     def _compute(self, request: RoundRequest) -> dict[str, Release]:
         protocol = self._protocol(request)
+        check_task_params(request.tasks)
         self._secure.check(request, protocol, self.settings.policy)
         self._ledger.admit(protocol.study_id, hashlib.sha256(request.to_bytes()).hexdigest(), self.settings.policy)
         state = self._state(protocol)

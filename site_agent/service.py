@@ -28,12 +28,13 @@ from types import FrameType
 from typing import Protocol
 
 from shared.errors import FedRWEError, TransportError
+from shared.protocol.messages import MAX_MESSAGE_BYTES, RoundReply
 from site_agent.agent import SiteAgent
 from site_agent.envelopes import EnvelopeGate, load_site_keys
 from site_agent.settings import SiteSettings, load_site_settings
 
 log = logging.getLogger("fedrwe.site")
-_MAX_BODY = 64 * 1024 * 1024
+_MAX_BODY = MAX_MESSAGE_BYTES
 
 
 class Answerer(Protocol):
@@ -68,9 +69,12 @@ def _handler_for(agent: Answerer) -> type[BaseHTTPRequestHandler]:
             if self.path != "/v1/round":
                 self._send(404, b'{"error":"unknown path"}', "application/json")
                 return
-            length = int(self.headers.get("Content-Length", "0"))
+            header = self.headers.get("Content-Length", "0")
+            length = int(header) if header.isdigit() else 0
             if not 0 < length <= _MAX_BODY:
-                self._send(413, b'{"error":"body missing or too large"}', "application/json")
+                self.close_connection = True  # the body is not read
+                refused = RoundReply(status="error", site_id=agent.site_id, error=_body_refused(agent.site_id, header))
+                self._send(413, refused.to_bytes(), "application/json")
                 return
             self._send(200, agent.handle(self.rfile.read(length)), "application/octet-stream")
 
@@ -78,6 +82,14 @@ def _handler_for(agent: Answerer) -> type[BaseHTTPRequestHandler]:
             log.debug("site %s http: " + format, agent.site_id, *args)
 
     return RoundHandler
+
+
+def _body_refused(site_id: str, content_length: str) -> str:
+    return (
+        f"site {site_id!r}: the round request's Content-Length {content_length!r} is not between 1 "
+        f"and {_MAX_BODY:,} bytes, so the site did not read it. Fix: send one round request as the "
+        f"body (fedrwe's SuperNode forwarder does), within the limit."
+    )
 
 
 def _port_in_use(settings: SiteSettings) -> TransportError:

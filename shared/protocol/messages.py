@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared.errors import ProtocolError
 
 MESSAGE_SCHEMA_VERSION: Literal[1] = 1
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""The largest request a site reads (replies may be larger: a Hessian of 1,000 concepts is ~20 MB)."""
+_FIX_VERSIONS = "Fix: run the same fedrwe version on the coordinator and every site."
+_SHOWN_CHARS = 100
+_PING_BYTES = 1024
 
 
 class _Message(BaseModel):
@@ -92,18 +97,35 @@ def canonical_json(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
 def _load(payload: bytes, what: str) -> dict[str, Any]:
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(
+            f"{what} is {len(payload):,} bytes, more than the {MAX_MESSAGE_BYTES:,} a site reads; "
+            f"it was not read. Fix: send a real round request (a protocol and its tasks are far "
+            f"smaller); if a study truly needs more, lower large_scale_covariates.max_covariates."
+        )
     try:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ProtocolError(f"{what} is not JSON: {error}") from None
+        raise ProtocolError(
+            f"{what} is not JSON ({error}; it starts {_shown(payload[:40])}). Fix: send a round "
+            f"request as UTF-8 JSON, as the coordinator does, and check that nothing between it "
+            f"and the site changes the bytes."
+        ) from None
     if not isinstance(data, dict):
-        raise ProtocolError(f"{what} must be a JSON object, got {type(data).__name__}")
+        raise ProtocolError(
+            f"{what} must be a JSON object, got {type(data).__name__} {_shown(data)}. {_FIX_VERSIONS}"
+        )
     version = data.get("schema_version")
     if version != MESSAGE_SCHEMA_VERSION:
         raise ProtocolError(
             f"{what} has schema_version {version!r}; this fedrwe speaks {MESSAGE_SCHEMA_VERSION}. "
-            f"Fix: run the same fedrwe version on the coordinator and every site."
+            f"{_FIX_VERSIONS}"
         )
     return data
 
@@ -112,8 +134,12 @@ def _validate(model: type[M], data: dict[str, Any], what: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        fields = "; ".join(f"`{'.'.join(map(str, e['loc']))}`: {e['msg']}" for e in error.errors())
-        raise ProtocolError(f"{what} is malformed: {fields}") from None
+        fields = "; ".join(
+            f"field `{'.'.join(map(str, e['loc']))}`: {e['msg']}"
+            + ("" if e["type"] == "missing" else f" (got {_shown(e.get('input'))})")
+            for e in error.errors()
+        )
+        raise ProtocolError(f"{what} is malformed: {fields}. {_FIX_VERSIONS}") from None
 
 
 def decode_request(payload: bytes) -> RoundRequest:
@@ -126,6 +152,8 @@ def decode_reply(payload: bytes) -> RoundReply:
 
 def is_ping(payload: bytes) -> bool:
     """True for a health-check request ``{"kind": "ping"}`` (answered without a study)."""
+    if len(payload) > _PING_BYTES:  # a ping is tiny: never parse a large body twice
+        return False
     try:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError):

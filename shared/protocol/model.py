@@ -29,7 +29,23 @@ _CODE = re.compile(r"^[A-Za-z0-9.\-]+\*?$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `true` is not a day count and "365" is text; a protocol must say what it means
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class FieldProblem(ValueError):
+    """A value that is wrong given the protocol's other fields, raised by a model validator.
+
+    ``field`` is its path below the model that raises it (e.g. ``end_day`` in a window,
+    ``comparisons.1.id`` at the top level); the error then names that field, the value and
+    the fix rather than the whole model.
+    """
+
+    def __init__(self, field: str, value: object, problem: str, fix: str) -> None:
+        self.field = field
+        self.value = value
+        self.fix = fix
+        super().__init__(problem)
 
 
 Vocabulary = Literal["ICD10CM", "ICD9CM", "ICD10PCS", "RxNorm", "CPT4", "HCPCS", "SNOMED", "LOINC", "NDC"]
@@ -58,21 +74,32 @@ class CodeSet(_Strict):
     @field_validator("include", "exclude")
     @classmethod
     def _codes_are_well_formed(cls, codes: list[str]) -> list[str]:
-        for code in codes:
+        for index, code in enumerate(codes):
             if not _CODE.match(code):
-                raise ValueError(
-                    f"code {code!r} is not a source code or a prefix ending in '*' (e.g. 'F14.*')"
+                raise FieldProblem(
+                    str(index), code, f"code {code!r} is not a source code or a prefix ending in '*'",
+                    "write a code such as 'F14.20' (letters, digits, '.', '-') or a prefix such as 'F14.*'",
                 )
         return codes
 
     @model_validator(mode="after")
     def _not_empty(self) -> CodeSet:
         if not self.include and not self.concept_ids:
-            raise ValueError("a code set needs source codes (`include`) or standard concepts (`concept_ids`)")
+            raise FieldProblem(
+                "include", self.include,
+                "a code set needs source codes (`include`) or standard concepts (`concept_ids`)",
+                "list source codes in `include` (with their `vocabulary`) or OMOP concept ids in `concept_ids`",
+            )
         if self.include and self.vocabulary is None:
-            raise ValueError("source codes (`include`) need their `vocabulary`, e.g. ICD10CM")
+            raise FieldProblem(
+                "vocabulary", None, "source codes (`include`) need their `vocabulary`",
+                "add the vocabulary of the codes, e.g. `vocabulary: ICD10CM`",
+            )
         if self.include_descendants and not self.concept_ids:
-            raise ValueError("`include_descendants` applies to `concept_ids`; list some")
+            raise FieldProblem(
+                "concept_ids", self.concept_ids, "`include_descendants` applies to `concept_ids`; list some",
+                "list the ancestor concepts in `concept_ids`, or remove `include_descendants`",
+            )
         return self
 
     def uses_descendants(self) -> bool:
@@ -154,7 +181,10 @@ class DayWindow(_Strict):
     @model_validator(mode="after")
     def _ordered(self) -> DayWindow:
         if self.end_day < self.start_day:
-            raise ValueError(f"end_day {self.end_day} is before start_day {self.start_day}")
+            raise FieldProblem(
+                "end_day", self.end_day, f"end_day {self.end_day} is before start_day {self.start_day}",
+                "make end_day at least start_day (both ends are days relative to index, inclusive)",
+            )
         return self
 
 
@@ -181,7 +211,10 @@ class TimeAtRisk(_Strict):
     @model_validator(mode="after")
     def _ordered(self) -> TimeAtRisk:
         if self.end_day < self.start_day and self.longest_follow_up() is not None:
-            raise ValueError(f"end_day {self.end_day} is before start_day {self.start_day}")
+            raise FieldProblem(
+                "end_day", self.end_day, f"end_day {self.end_day} is before start_day {self.start_day}",
+                "make end_day at least start_day (both count days after their anchors, inclusive)",
+            )
         return self
 
     def uses_cohort_end(self) -> bool:
@@ -268,11 +301,15 @@ class LargeScaleCovariates(_Strict):
     @model_validator(mode="after")
     def _valid(self) -> LargeScaleCovariates:
         if len(set(self.domains)) != len(self.domains):
-            raise ValueError(f"large_scale_covariates.domains {self.domains} repeat a domain; list each once")
+            raise FieldProblem(
+                "domains", self.domains,
+                f"large_scale_covariates.domains {self.domains} repeat a domain", "list each domain once",
+            )
         if self.window is not None and self.window.end_day >= 0:
-            raise ValueError(
+            raise FieldProblem(
+                "window.end_day", self.window.end_day,
                 f"large_scale_covariates.window.end_day is {self.window.end_day}; it must be < 0 "
-                f"(covariates precede index). Fix: end the window on day -1 or earlier"
+                f"(covariates precede index)", "end the window on day -1 or earlier",
             )
         return self
 
@@ -432,48 +469,77 @@ class StudyProtocol(_Strict):
         columns = self.covariate_columns()
         duplicates = sorted({n for n in columns if columns.count(n) > 1})
         if duplicates:
-            raise ValueError(
+            raise FieldProblem(
+                "covariates", duplicates,
                 f"covariates give repeated columns {duplicates} (names must be unique; sex and "
-                f"race may appear once)"
+                f"race may appear once)", "give each covariate its own name and list sex and race once",
             )
         reserved = sorted(set(columns) & RESERVED_COLUMNS)
         if reserved:
-            raise ValueError(f"covariate names {reserved} are reserved for the analysis dataset")
+            raise FieldProblem(
+                "covariates", reserved, f"covariate names {reserved} are reserved for the analysis dataset",
+                f"rename them (reserved: {sorted(RESERVED_COLUMNS)})",
+            )
         if self.covariate_window.end_day >= 0:
-            raise ValueError("covariate_window.end_day must be < 0 (covariates precede index)")
+            raise FieldProblem(
+                "covariate_window.end_day", self.covariate_window.end_day,
+                "covariate_window.end_day must be < 0 (covariates precede index)",
+                "end the covariate window on day -1 or earlier",
+            )
         adjusted = sorted(set(self.analyses) & set(ADJUSTED_ANALYSES))
         if adjusted and "propensity" not in self.analyses:
-            raise ValueError(f"analyses {adjusted} use the propensity score: add 'propensity' to analyses")
+            raise FieldProblem(
+                "analyses", self.analyses, f"analyses {adjusted} use the propensity score: add 'propensity' to analyses",
+                "add 'propensity' to analyses",
+            )
         self._check_large_scale(columns)
         if adjusted and not self.covariates and self.large_scale_covariates is None:
-            raise ValueError(f"analyses {adjusted} need covariates for the propensity model; add some")
+            raise FieldProblem(
+                "covariates", self.covariates, f"analyses {adjusted} need covariates for the propensity model",
+                "add covariates (or large_scale_covariates), or keep only the crude analysis",
+            )
         if adjusted and self.secure_aggregation:
-            raise ValueError(
+            raise FieldProblem(
+                "analyses", self.analyses,
                 f"analyses {adjusted} need per-site matching, balance and event tables, which secure "
-                f"aggregation does not release; with secure_aggregation: true use analyses crude and propensity"
+                f"aggregation does not release", "with secure_aggregation: true use analyses crude and propensity",
             )
         if len(set(self.analyses)) != len(self.analyses):
-            raise ValueError(f"analyses {self.analyses} repeat a name; list each once")
+            raise FieldProblem(
+                "analyses", self.analyses, f"analyses {self.analyses} repeat a name", "list each analysis once",
+            )
         self._follow_up_days_fit()
         return self
 
     def _check_comparisons(self) -> None:
         one = self.exposure is not None or self.comparator is not None
         if self.comparisons and one:
-            raise ValueError("give either `exposure` and `comparator` or `comparisons`, not both")
+            raise FieldProblem(
+                "comparisons", [c.id for c in self.comparisons],
+                "the protocol gives both `exposure`/`comparator` and `comparisons`",
+                "give either `exposure` and `comparator` or `comparisons`, not both",
+            )
         if not self.comparisons and (self.exposure is None or self.comparator is None):
             missing = [name for name in ("exposure", "comparator") if getattr(self, name) is None]
-            raise ValueError(f"missing {' and '.join(missing)}: a protocol needs both arms (or `comparisons`)")
+            raise FieldProblem(
+                missing[0], None, f"missing {' and '.join(missing)}: a protocol needs both arms (or `comparisons`)",
+                f"add {' and '.join(missing)}",
+            )
         ids = [c.id for c in self.comparisons]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"comparison ids {ids} repeat; give each comparison its own id")
+        for index, comparison_id in enumerate(ids):
+            if comparison_id in ids[:index]:
+                raise FieldProblem(
+                    f"comparisons.{index}.id", comparison_id, f"comparison ids {ids} repeat",
+                    "give each comparison its own id",
+                )
         names = {c.name for c in self.covariates}
-        for c in self.comparisons:
+        for index, c in enumerate(self.comparisons):
             unknown = sorted(set(c.exclude_covariates) - names)
             if unknown:
-                raise ValueError(
+                raise FieldProblem(
+                    f"comparisons.{index}.exclude_covariates", unknown,
                     f"comparison {c.id!r}: exclude_covariates {unknown} are not covariates of the "
-                    f"protocol (it has {sorted(names)})"
+                    f"protocol (it has {sorted(names)})", "list only names of the protocol's covariates",
                 )
 
     def comparison_ids(self) -> list[str | None]:
@@ -524,36 +590,43 @@ class StudyProtocol(_Strict):
         """risk_horizon_days and ph_check_cut_days are days of follow-up: within the longest."""
         longest = self.time_at_risk.longest_follow_up()
         if longest is None and self.risk_horizon_days is None:
-            raise ValueError(
+            raise FieldProblem(
+                "risk_horizon_days", None,
                 "time_at_risk starts at cohort_start and ends at cohort_end, so the follow-up length "
-                "varies with each exposure's: set risk_horizon_days (the day of follow-up at which "
-                "risks are read, e.g. 365)"
+                "varies with each exposure's", "set risk_horizon_days (the day of follow-up at which "
+                "risks are read, e.g. 365)",
             )
         if longest is not None and self.risk_horizon_days is not None and self.risk_horizon_days > longest:
-            raise ValueError(
+            raise FieldProblem(
+                "risk_horizon_days", self.risk_horizon_days,
                 f"risk_horizon_days {self.risk_horizon_days} is beyond the longest follow-up, {longest} "
-                f"days (time_at_risk day {self.time_at_risk.start_day}..{self.time_at_risk.end_day}); "
-                f"set it to at most {longest}"
+                f"days (time_at_risk day {self.time_at_risk.start_day}..{self.time_at_risk.end_day})",
+                f"set it to at most {longest}",
             )
         cuts = self.cut_days()
         last = 36_500 if longest is None else longest - 1
         if cuts != sorted(set(cuts)) or any(not 1 <= c <= last for c in cuts):
-            raise ValueError(f"ph_check_cut_days {cuts} must increase strictly and lie in 1..{last}")
+            raise FieldProblem(
+                "ph_check_cut_days", cuts, f"ph_check_cut_days {cuts} must increase strictly and lie in 1..{last}",
+                f"list increasing days of follow-up between 1 and {last}",
+            )
 
     def _check_large_scale(self, columns: list[str]) -> None:
         """Large-scale covariates feed the PS model, and their column names are theirs alone."""
         if self.large_scale_covariates is None:
             return
         if "propensity" not in self.analyses:
-            raise ValueError(
-                "large_scale_covariates feed the propensity model: add 'propensity' to analyses "
-                "(or remove large_scale_covariates)"
+            raise FieldProblem(
+                "analyses", self.analyses,
+                "large_scale_covariates feed the propensity model: add 'propensity' to analyses",
+                "add 'propensity' to analyses (or remove large_scale_covariates)",
             )
         clashing = [column for column in columns if parse_concept_column(column) is not None]
         if clashing:
-            raise ValueError(
-                f"covariate names {clashing} look like large-scale concept columns (domain_conceptid); "
-                f"rename them"
+            raise FieldProblem(
+                "covariates", clashing,
+                f"covariate names {clashing} look like large-scale concept columns (domain_conceptid)",
+                "rename them",
             )
 
     def large_scale_window(self) -> DayWindow:
@@ -650,16 +723,58 @@ def protocol_json_schema() -> str:
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 
+_SHOWN_CHARS = 200  # a value longer than this is cut in messages (a whole sub-model says little)
+
+# The fix of each pydantic error type, from its context (``ctx``); the rest: "correct the value".
+_FIXES: dict[str, str] = {
+    "missing": "add the field",
+    "extra_forbidden": "remove it or fix its spelling",
+    "greater_than_equal": "use a value of at least {ge}",
+    "greater_than": "use a value above {gt}",
+    "less_than_equal": "use a value of at most {le}",
+    "less_than": "use a value below {lt}",
+    "literal_error": "use one of {expected}",
+    "union_tag_invalid": "use one of {expected_tags}",
+    "union_tag_not_found": "add `{discriminator}`",
+    "string_pattern_mismatch": "use a value matching {pattern}",
+    "string_too_short": "fill it in",
+    "too_short": "list at least {min_length}",
+    "int_type": "write a whole number, without quotes",
+    "int_parsing": "write a whole number, without quotes",
+    "int_from_float": "write a whole number",
+    "float_type": "write a number, without quotes",
+    "bool_type": "write true or false, without quotes",
+    "string_type": "write text",
+    "list_type": "write a list, e.g. [a, b]",
+    "model_type": "write a mapping of its fields",
+    "dict_type": "write a mapping",
+}
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
 def _describe(error: ValidationError, source: str) -> str:
     lines = [f"protocol {source} is invalid:"]
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        value = item.get("input")
-        shown = "" if item["type"] == "missing" else f" (got {value!r})"
-        fix = {
-            "missing": "add the field",
-            "extra_forbidden": "remove it or fix its spelling",
-        }.get(item["type"], "correct the value")
+        loc = [str(part) for part in item["loc"]]
+        context = item.get("ctx") or {}
+        cause = context.get("error")
+        if isinstance(cause, FieldProblem):
+            where = ".".join([*loc, cause.field])
+            lines.append(f"  - field `{where}`: {cause} (got {_shown(cause.value)}). Fix: {cause.fix}.")
+            continue
+        where = ".".join(loc) or "(top level)"
+        shown = "" if item["type"] == "missing" else f" (got {_shown(item.get('input'))})"
+        if "Fix:" in item["msg"]:
+            lines.append(f"  - field `{where}`: {item['msg']}{shown}.")
+            continue
+        try:
+            fix = _FIXES.get(item["type"], "correct the value").format(**context)
+        except (KeyError, IndexError):
+            fix = "correct the value"
         lines.append(f"  - field `{where}`: {item['msg']}{shown}. Fix: {fix}.")
     return "\n".join(lines)
 
@@ -667,7 +782,10 @@ def _describe(error: ValidationError, source: str) -> str:
 def parse_protocol(data: object, source: str = "<data>") -> StudyProtocol:
     """Validate parsed YAML/JSON data as a protocol; errors name every bad field and the fix."""
     if not isinstance(data, dict):
-        raise ProtocolError(f"protocol {source} must be a mapping of fields, got {type(data).__name__}")
+        raise ProtocolError(
+            f"protocol {source} must be a mapping of fields, got {type(data).__name__} {_shown(data)}. "
+            f"Fix: write the protocol as fields (schema_version, study_id, ...; docs/protocol.md)."
+        )
     try:
         return StudyProtocol.model_validate(data)
     except ValidationError as error:
@@ -684,5 +802,7 @@ def load_protocol(path: str | Path) -> StudyProtocol:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ProtocolError(f"protocol {path} is not valid YAML: {error}") from None
+        raise ProtocolError(
+            f"protocol {path} is not valid YAML: {error}. Fix: correct the YAML at the line shown."
+        ) from None
     return parse_protocol(data, str(path))

@@ -73,7 +73,11 @@ class DatasetStore:
             if loaded.features is not None:
                 loaded.features.unpersist()
         path = self.path(protocol.study_id)
-        rebuilt = self._backend.last_commit_metadata(path).get(_KEY) != key or self._features_stale(protocol, key)
+        rebuilt = (
+            self._backend.last_commit_metadata(path).get(_KEY) != key
+            or self._features_stale(protocol, key)
+            or self._backend.lost_files(path)  # a data file of the cached dataset is gone: build it anew
+        )
         started = time.perf_counter()
         if rebuilt:
             self._build(protocol, path, key)
@@ -126,7 +130,7 @@ class DatasetStore:
         target = self.path(protocol.study_id).parent / "data_quality.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(report.to_json(), encoding="utf-8")
-        report.raise_for_errors()
+        report.raise_for_errors(target)
 
     def _build(self, protocol: StudyProtocol, path: Path, key: str) -> None:
         self._check_quality(protocol)

@@ -10,16 +10,18 @@ mapping) are refused with a clear error rather than read wrongly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql.pandas.types import from_arrow_schema
+from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema, from_arrow_type
 
 from shared.errors import DataError, MissingTableError
 from shared.omop import SCHEMAS, STUDY_COLUMNS
+from site_agent.ingest.lake import missing_data_files, unreadable_reason
 
 _UNSUPPORTED_READER_FEATURES = frozenset({"deletionVectors", "columnMapping"})
 
@@ -58,6 +60,10 @@ class DeltaBackend:
                 f"correctly. Fix: rewrite the table without them (e.g. REORG/rewrite with "
                 f"delta-rs), or run the agent with delta-spark's jars."
             )
+        if missing_data_files(table):  # Spark would fail with a Java stack trace
+            raise DataError(
+                f"site {self._site_id!r}: Delta table {name!r} cannot be read: {unreadable_reason(path)}."
+            )
         files = table.file_uris()
         arrow_schema = schema or table.schema().to_arrow()
         if not files:
@@ -73,6 +79,10 @@ class DeltaBackend:
             commit_properties=CommitProperties(custom_metadata=metadata),
         )
         return DeltaTable(str(path)).version()
+
+    def lost_files(self, path: Path) -> bool:
+        """True when the table at ``path`` exists but a data file its log lists is gone."""
+        return self.exists(path) and bool(missing_data_files(DeltaTable(str(path))))
 
     def last_commit_metadata(self, path: Path) -> dict[str, object]:
         """The custom metadata of the table's latest commit (empty if no table)."""
@@ -98,13 +108,20 @@ class OmopTables:
         """The current Delta version of table ``name`` (no Spark involved)."""
         path = self._lake / name
         if not self._backend.exists(path):
+            if path.is_dir() and any(path.iterdir()):
+                raise DataError(
+                    f"site {self._site_id!r}: OMOP table {name!r}: the folder {path} holds files but no "
+                    f"readable Delta log (_delta_log), so no version of the table can be read. Fix: "
+                    f"restore {path / '_delta_log'} from the site's backup, or move the folder aside "
+                    f"and ingest the table's OMOP export again (fedrwe site ingest)."
+                )
             raise MissingTableError(self._site_id, name, str(path))
         return DeltaTable(str(path)).version()
 
     def read(self, name: str, columns: tuple[str, ...] | None = None) -> TableSnapshot:
         """Table ``name``, checked for its required columns and ``columns`` (default: the study's)."""
         expected = SCHEMAS.get(name)
-        snapshot = self._backend.read(name, self._lake / name, expected)
+        snapshot = _as_cdm_types(self._backend.read(name, self._lake / name, expected), expected)
         present = set(snapshot.frame.columns)
         required = [] if expected is None else [f.name for f in expected if not f.nullable]
         needed = STUDY_COLUMNS.get(name, ()) if columns is None else columns
@@ -117,3 +134,16 @@ class OmopTables:
                 f"the OMOP CDM 5.4 columns (lower-case names), source values included."
             )
         return snapshot
+
+
+def _as_cdm_types(snapshot: TableSnapshot, expected: pa.Schema | None) -> TableSnapshot:
+    """The snapshot with each CDM column cast to its CDM type where the files hold another
+    (a lake written by another tool; the data-quality checks have refused uncastable ones)."""
+    if expected is None:
+        return snapshot
+    types = {f.name: from_arrow_type(f.type) for f in expected if f.name in snapshot.frame.columns}
+    changed = {name: kind for name, kind in types.items() if snapshot.frame.schema[name].dataType != kind}
+    if not changed:
+        return snapshot
+    frame = snapshot.frame.withColumns({name: F.col(name).cast(kind) for name, kind in changed.items()})
+    return replace(snapshot, frame=frame)

@@ -108,14 +108,34 @@ def _births_and_deaths(view: LakeView, today: dt.date) -> Iterator[Finding]:
                             f"were born after today ({today})",
                             "correct the birth dates (an export whose dates were shifted, as "
                             "MIMIC-IV's, has them by design and can be used).")
+    born = pa.table({"person_id": person["person_id"], "_birth": births})
+    yield from _events_before_birth(view, born)
     deaths = view.column("death", "death_date") if view.has("death") else None
     if deaths is None:
         return
     rows = numbered(person_id=view.table("death")["person_id"],
                     _death=_keys(pc.year(deaths), pc.month(deaths), pc.day(deaths)))
-    born = pa.table({"person_id": person["person_id"], "_birth": births})
     joined = rows.join(born, "person_id", join_type="left outer")
     yield from rows_finding(view, "death_before_birth", "warning", "death", "death_date",
                             any_by_row(joined, pc.less(joined["_death"], joined["_birth"])),
                             "date a death before the person's earliest possible birth date",
                             "correct the death or birth date in the source.")
+
+
+def _events_before_birth(view: LakeView, born: pa.Table) -> Iterator[Finding]:
+    """Events (and observation periods) dated before their person's earliest possible birth date
+    (OHDSI DQD's plausibleAfterBirth). The cohort rules cope: an index date before birth is a
+    negative age, which fails the age step of the attrition."""
+    dated = {**EVENT_DATES, "observation_period": "observation_period_start_date"}
+    for name, date in dated.items():
+        if not view.has(name) or view.column(name, date) is None or "person_id" not in view.table(name).column_names:
+            continue
+        dates = view.table(name)[date]
+        rows = numbered(person_id=view.table(name)["person_id"],
+                        _date=_keys(pc.year(dates), pc.month(dates), pc.day(dates)))
+        joined = rows.join(born, "person_id", join_type="left outer")
+        yield from rows_finding(view, "event_before_birth", "warning", name, date,
+                                any_by_row(joined, pc.less(joined["_date"], joined["_birth"])),
+                                "are dated before their person's earliest possible birth date (a "
+                                "person indexed then has a negative age and fails the age step)",
+                                "correct the event's or the person's birth date in the source.")

@@ -2,17 +2,22 @@
 
 Columns are cast to their CDM 5.4 types where they differ (a lake written by another tool
 may hold int32 ids or timestamps for dates); a column that cannot be cast is set aside and
-reported as an error by the checks, which then treat it as absent.
+reported as an error by the checks, which then treat it as absent. A table that cannot be
+read at all (a data file its Delta log lists is gone, a corrupt file or log) is set aside in
+``unreadable`` with the reason, and reported as an error too.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
+from deltalake.exceptions import DeltaError
 
 from shared.omop import CDM_SCHEMAS
 from site_agent.ingest.cdm import row_id_column
@@ -20,6 +25,41 @@ from site_agent.ingest.columns import convert
 from site_agent.ingest.report import Finding, Severity
 
 _CAST_ERRORS = (pa.ArrowException, OverflowError)  # Arrow's invalid, type and unsupported casts
+READ_ERRORS = (OSError, DeltaError, pa.ArrowException)  # what delta-rs and Arrow raise on a broken table
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def missing_data_files(table: DeltaTable) -> list[str]:
+    """The local data files the table's current version lists that are not on disk."""
+    missing = []
+    for uri in table.file_uris():
+        parsed = urlparse(uri)
+        if parsed.scheme in ("", "file") and not Path(unquote(parsed.path)).exists():
+            missing.append(unquote(parsed.path))
+    return missing
+
+
+def unreadable_reason(path: Path, error: Exception | None = None) -> str:
+    """Why the Delta table at ``path`` cannot be read, in words, with the fix."""
+    try:
+        table = DeltaTable(str(path))
+        missing = missing_data_files(table)
+        version: int | None = table.version()
+    except READ_ERRORS:
+        missing, version = [], None
+    if missing:
+        shown = ", ".join(Path(file).name for file in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        return (
+            f"its Delta log (version {version}) lists {len(missing)} data file(s) that are not in "
+            f"{path}: {shown}. Fix: restore the file(s) from the site's backup; without one, move the "
+            f"folder {path} aside and ingest the table's OMOP export again (fedrwe site ingest)"
+        )
+    detail = _ANSI.sub("", str(error) if error is not None else "unknown").strip().splitlines()
+    return (
+        f"reading it fails ({type(error).__name__}: {detail[0] if detail else ''}). Fix: restore the "
+        f"table's folder {path} from the site's backup, or move it aside and ingest the table's OMOP "
+        f"export again (fedrwe site ingest)"
+    )
 
 
 class LakeView:
@@ -29,8 +69,17 @@ class LakeView:
         self.lake = lake
         self.names = tuple(n for n in CDM_SCHEMAS if DeltaTable.is_deltatable(str(lake / n)))
         self.bad_types: dict[tuple[str, str], str] = {}
+        self.unreadable: dict[str, str] = {}  # table -> why it cannot be read, with the fix
         self._tables: dict[str, pa.Table] = {}
         self._versions: dict[str, int] = {}
+        for name in self.names:  # every check reads every table: read each once, up front
+            try:
+                if missing_data_files(DeltaTable(str(lake / name))):
+                    raise FileNotFoundError(name)
+                self.table(name)
+            except READ_ERRORS as error:
+                self.unreadable[name] = unreadable_reason(lake / name, error)
+        self.names = tuple(n for n in self.names if n not in self.unreadable)
 
     def has(self, name: str) -> bool:
         return name in self.names

@@ -24,7 +24,7 @@ from deltalake import DeltaTable
 from shared.omop import CDM_SCHEMAS, STUDY_TABLES, VOCABULARY_TABLES
 from site_agent.ingest.cdm import row_id_column
 from site_agent.ingest.dates import date_findings
-from site_agent.ingest.lake import LakeView, rows_finding
+from site_agent.ingest.lake import READ_ERRORS, LakeView, rows_finding
 from site_agent.ingest.report import Finding, Report, Severity, TableRows
 
 # The standard concept of each row, where 0 means the source code found no mapping.
@@ -66,13 +66,19 @@ def check_lake(lake: Path, *, site_id: str | None = None, today: dt.date | None 
 def _ingested_site_id(view: LakeView) -> str | None:
     if not view.has("person"):
         return None
-    value = DeltaTable(str(view.lake / "person")).history(1)[0].get("fedrwe.site_id")
+    try:
+        value = DeltaTable(str(view.lake / "person")).history(1)[0].get("fedrwe.site_id")
+    except READ_ERRORS:
+        return None
     return str(value) if value else None
 
 
 def _structure(view: LakeView) -> Iterator[Finding]:
+    for name, reason in sorted(view.unreadable.items()):
+        yield Finding("unreadable_table", "error", name, "", 0, None,
+                      f"Delta table {name!r} cannot be read: {reason}.")
     for name in STUDY_TABLES:
-        if not view.has(name):
+        if not view.has(name) and name not in view.unreadable:
             yield Finding("missing_table", "error", name, "", 0, None,
                           f"no Delta table {name!r} in {view.lake}. Fix: ingest the export with its "
                           f"{name} file.")

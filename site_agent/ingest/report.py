@@ -77,13 +77,17 @@ class Report:
         """The report as JSON; plain numbers only (NaN or infinity would raise)."""
         return json.dumps(self.as_dict(), indent=2, allow_nan=False) + "\n"
 
-    def raise_for_errors(self) -> None:
-        """Raise ``DataQualityError`` naming every blocking finding; do nothing without one."""
+    def raise_for_errors(self, written_to: Path | None = None) -> None:
+        """Raise ``DataQualityError`` naming every blocking finding; do nothing without one.
+
+        ``written_to`` is where the report was saved (default: next to the tables).
+        """
         if not self.errors:
             return
-        path = report_path(Path(self.lake))
+        path = written_to or report_path(Path(self.lake))
         listed = "; ".join(
-            f"{f.table}.{f.column} [{f.check}]: {f.message}" for f in self.errors[:10]
+            f"{f.table}{'.' + f.column if f.column else ''} [{f.check}]: {f.message.rstrip('.')}"
+            for f in self.errors[:10]
         )
         more = f"; and {len(self.errors) - 10} more" if len(self.errors) > 10 else ""
         raise DataQualityError(
