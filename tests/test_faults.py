@@ -17,12 +17,14 @@ import shutil
 import signal
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+import tomli_w
 from deltalake import DeltaTable
 
 from coordinator.results import stable_view
@@ -48,8 +50,8 @@ class Network:
         self.keys = simulation_keys(root / "sites").run_config()
         self.clean: dict[str, Any] = {}
 
-    def config(self, out: Path, **extra: Any) -> dict[str, Any]:
-        return study_run_config(PROTOCOL_PATH, out, **self.keys, **{"round-timeout-s": ROUND_TIMEOUT_S}, **extra)
+    def config(self, out: Path, timeout_s: float = ROUND_TIMEOUT_S) -> dict[str, Any]:
+        return study_run_config(PROTOCOL_PATH, out, **self.keys, **{"round-timeout-s": timeout_s})
 
     def run(self, out: Path, during: Callable[[Path], None] | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run the study into ``out``; ``during(out)`` runs meanwhile (the fault). Returns
@@ -93,9 +95,14 @@ def network(tmp_path_factory: pytest.TempPathFactory, prefect_api_url: str) -> I
     root = tmp_path_factory.mktemp("faults")
     generate_network(root / "data", n_sites=3, n_patients=4_000, seed=11)
     specs, _ = simulated_sites(root / "data" / "sites", root / "sites", "local[1]", "768m")
+    for settings in (root / "sites").glob("*/site.toml"):  # small sites: counts from 3 may leave
+        config = tomllib.loads(settings.read_text(encoding="utf-8"))
+        config["policy"]["min_cell_count"] = 3
+        settings.write_text(tomli_w.dumps(config), encoding="utf-8")
     with LocalNetwork(root / "run", specs, prefect_api_url=prefect_api_url) as net:
         network = Network(net, root)
-        network.clean = network.run(root / "clean")
+        # the default round timeout here: the first round builds every site's cohort
+        network.clean = network.run(root / "clean", config=network.config(root / "clean", timeout_s=3600.0))
         yield network
 
 
