@@ -46,6 +46,7 @@ from flows.simulate import (
     run_simulation,
     simulated_sites,
     simulation_keys,
+    start_timeout_s,
 )
 from flows.submit import run_and_explain, study_run_config
 from shared.errors import FedRWEError
@@ -124,16 +125,6 @@ def compare_estimates(expected: dict[str, Any], actual: dict[str, Any], rtol: fl
     for term, value in ps_expected.items():
         close(f"propensity.{term}", value, ps_actual.get(term))
     return problems
-
-
-def start_timeout_s(sites: int) -> float:
-    """How long one process may take to become ready when ``sites`` Spark sites start at once.
-
-    Every site service starts a JVM at the same moment; on a small machine they share its
-    cores, so the slowest one's start-up grows with their number (2 cores: ~45 s for 10
-    sites). 90 s as before, plus 10 s per site beyond three.
-    """
-    return 90.0 + 10.0 * max(sites - 3, 0)
 
 
 def run_many_sites(

@@ -1,10 +1,11 @@
 """Load: many sites in one study, and several studies at once on one coordinator.
 
-The fast test reproduces the one race found when several studies are submitted at once
-into one run folder (``flows.flower_runs.submission_dir``): without a folder per
+The first fast test reproduces the race found when several studies are submitted at
+once into one run folder (``flows.flower_runs.submission_dir``): without a folder per
 submission, the second submission rewrote the staged app and run config that ``flwr run``
 of the first was about to read, so the first study ran with the second's protocol and
-out dir. The slow tests run both load scenarios of ``flows.load`` at a small size on real
+out dir. The second keeps claimed ports out of the range the kernel assigns by itself
+(``flows.localnet.free_port``). The slow tests run both load scenarios of ``flows.load`` at a small size on real
 processes and check their estimates.
 """
 
@@ -22,9 +23,8 @@ import pytest
 
 from flows import flower_runs
 from flows.load import ESTIMATE_RTOL, compare_estimates, run_concurrent_studies, run_many_sites
+from flows.localnet import ephemeral_ports, free_port
 from tests.pooled_reference import assert_crude_equals_pooled, assert_propensity_equals_pooled
-
-PROTOCOL = Path(__file__).parents[1] / "studies" / "ketamine_cud.yaml"
 
 
 def test_concurrent_submissions_each_run_their_own_run_config(
@@ -72,18 +72,33 @@ def test_concurrent_submissions_each_run_their_own_run_config(
     assert submitted == {name: (f"/out/{name}", f"study_id: {name}") for name in run_ids}
 
 
+def test_claimed_ports_lie_below_the_kernels_ephemeral_range() -> None:
+    """Ports claimed for services started later cannot be handed out by the kernel meanwhile.
+
+    With ten sites, the Spark JVMs starting between a claim and its bind took a claimed
+    ephemeral port, and a SuperNode then failed with "address already in use".
+    """
+    low, _ = ephemeral_ports()
+    ports = [free_port() for _ in range(50)]
+    assert all(port < low for port in ports), sorted(ports)
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_many_sites_in_one_study_equal_the_pooled_fit(tmp_path: Path, prefect_api_url: str) -> None:
-    """Six sites in one study complete; crude Cox and the PS model equal statsmodels on the pooled rows."""
+    """Five sites in one study complete; crude Cox and the PS model equal statsmodels on the pooled rows.
+
+    Seed 5 at 15,000 patients: every site holds at least 10 events per arm and 10 persons at
+    each level of every binary covariate, so the default policy withholds nothing.
+    """
     figures = run_many_sites(
-        tmp_path / "many", sites=6, patients=9_000, seed=11, driver_memory="512m",
+        tmp_path / "many", sites=5, patients=15_000, seed=5, driver_memory="512m",
         prefect_api_url=prefect_api_url,
     )
     assert figures["rounds"] >= 3
     assert figures["peak_rss_bytes"]["total"] > 0
     results = json.loads((tmp_path / "many" / "results.json").read_text(encoding="utf-8"))
-    assert [s["site_id"] for s in results["sites"]] == [f"site_{i:02d}" for i in range(1, 7)]
+    assert [s["site_id"] for s in results["sites"]] == [f"site_{i:02d}" for i in range(1, 6)]
     pooled = pd.read_parquet(tmp_path / "many" / "sim" / "pooled_analysis_dataset.parquet")
     assert_crude_equals_pooled(results["analyses"]["crude"], pooled)
     assert_propensity_equals_pooled(results["propensity"], pooled)
