@@ -4,7 +4,8 @@
 ``run_concurrent_studies`` starts one simulated network (one Prefect server, one SuperLink,
 its sites) and runs the same protocol under several study ids: first one study alone, then
 ``studies`` of them submitted at once, each with its own out dir. Every study must give the
-estimates of the one run alone (``compare_estimates``).
+estimates of the one run alone (``compare_estimates``), and every site's hash-chained audit
+log must verify afterwards, one entry per request.
 
 How concurrent studies share the network (measured with flwr 1.42):
 - the SuperLink runs one ``flwr-serverapp`` per run, side by side; a SuperNode starts one
@@ -51,6 +52,7 @@ from flows.simulate import (
 from flows.submit import run_and_explain, study_run_config
 from shared.errors import FedRWEError
 from shared.synthetic import generate_network
+from site_agent.audit.delta_log import verify as verify_audit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROTOCOL = REPO_ROOT / "studies" / "ketamine_cud.yaml"
@@ -192,7 +194,7 @@ def run_concurrent_studies(
     if data_dir.exists():
         shutil.rmtree(data_dir)
     generate_network(data_dir, n_sites=sites, n_patients=patients, seed=seed)
-    specs, _ = simulated_sites(data_dir / "sites", out / "sites", "local[2]", driver_memory)
+    specs, workdirs = simulated_sites(data_dir / "sites", out / "sites", "local[2]", driver_memory)
     extra = {"truth-path": str(data_dir / "truth.json"), **simulation_keys(out / "sites").run_config()}
     base_id = str(yaml.safe_load(protocol.read_text(encoding="utf-8"))["study_id"])
     protocols = out / "protocols"
@@ -229,8 +231,13 @@ def run_concurrent_studies(
             failures += [f"{study['study_id']}: {p}" for p in compare_estimates(expected, actual)]
     if failures or any(study is None for study in figures):
         raise FedRWEError("concurrent studies failed or differ from the study alone:\n" + "\n".join(failures))
+    audit = {spec.site_id: verify_audit(workdir / "audit") for spec, workdir in zip(specs, workdirs, strict=True)}
+    broken = {site: check.reason for site, check in audit.items() if not check.ok}
+    if broken:
+        raise FedRWEError(f"the audit log is broken after concurrent studies at {broken}")
     return {
-        "scenario": "concurrent_studies", "sites": sites, "patients": patients, "studies": studies,
+        "scenario": "concurrent_studies",
+        "audit_entries": {site: check.entries for site, check in audit.items()}, "sites": sites, "patients": patients, "studies": studies,
         "driver_memory": driver_memory, "wall_s": round(time.perf_counter() - started, 1),
         "start_network_s": round(start_network_s, 1), "alone": alone,
         "together_s": round(together_s, 1), "runs": figures,

@@ -107,7 +107,8 @@ def test_many_sites_in_one_study_equal_the_pooled_fit(tmp_path: Path, prefect_ap
 @pytest.mark.slow
 @pytest.mark.integration
 def test_three_studies_at_once_equal_each_study_alone(tmp_path: Path) -> None:
-    """Three studies at once on one coordinator give the estimates of the study run alone."""
+    """Three studies at once on one coordinator give the estimates of the study run alone, and
+    every site's audit log verifies afterwards with one entry per request."""
     figures = run_concurrent_studies(
         tmp_path / "concurrent", sites=3, patients=9_000, studies=3, seed=11, driver_memory="512m",
     )
@@ -118,3 +119,5 @@ def test_three_studies_at_once_equal_each_study_alone(tmp_path: Path) -> None:
         assert together["study_id"] == study["study_id"] != alone["study_id"]
         assert compare_estimates(alone, together) == []
         assert together["analyses"]["crude"]["hr"] == pytest.approx(alone["analyses"]["crude"]["hr"], rel=ESTIMATE_RTOL)
+    requests = figures["alone"]["rounds"] + figures["rounds"]  # one per round, per site
+    assert figures["audit_entries"] == {f"site_{i:02d}": requests for i in range(1, 4)}
