@@ -76,6 +76,10 @@ def main() -> None:
     host = machine()
     print_table(host, scenarios)
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    ran = {s["scenario"] for s in scenarios}
+    if args.json.exists():  # a run of one scenario keeps the other's last figures
+        kept = json.loads(args.json.read_text(encoding="utf-8")).get("scenarios", [])
+        scenarios = [s for s in kept if s["scenario"] not in ran] + scenarios
     args.json.write_text(json.dumps({"machine": host, "scenarios": scenarios}, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {args.json}")
 

@@ -102,9 +102,11 @@ def write_site_settings(
 def start_timeout_s(sites: int) -> float:
     """How long one process may take to become ready when ``sites`` Spark sites start at once.
 
-    Every site service starts a JVM at the same moment and they share the machine's cores,
-    so the slowest start grows with their number (2 cores: ~45 s for 10 sites). 90 s, the
-    network's default, plus 10 s per site beyond three.
+    Every site service starts a JVM and every site's key is registered (one ``flwr`` CLI
+    process each) at the same moment, sharing the machine's cores, so the slowest start
+    grows with their number (10 sites on 2 busy cores: registration 72 s, site services
+    ready after 82 s, against the network's default limit of 90 s). 90 s plus 10 s per site
+    beyond three.
     """
     return 90.0 + 10.0 * max(sites - 3, 0)
 
