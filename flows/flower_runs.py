@@ -109,6 +109,28 @@ def stage_app(app_dir: Path, run_config: RunConfig, dest: Path) -> Path:
     return dest
 
 
+def submission_dir(run_dir: Path) -> Path:
+    """A fresh folder for one submission's staged app and run config: ``run_dir/submissions/N``.
+
+    Several runs may be submitted at once into one ``run_dir`` (one coordinator, several
+    studies). With one shared ``flower_app`` folder and ``run_config.toml``, a second
+    submission would delete and rewrite them while ``flwr run`` of the first still reads
+    them, so the first run could fail, or silently run with the second's run config
+    (its protocol and out dir). ``mkdir`` without ``exist_ok`` claims a number atomically.
+    """
+    parent = run_dir / "submissions"
+    parent.mkdir(parents=True, exist_ok=True)
+    number = len(list(parent.iterdir()))
+    while True:
+        candidate = parent / f"{number:04d}"
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            number += 1
+            continue
+        return candidate
+
+
 def submit_run(
     run_config: RunConfig,
     *,
@@ -123,10 +145,13 @@ def submit_run(
     ``flwr_home`` holds the CLI's ``config.toml`` naming the SuperLink ``connection``.
     Raises ``TransportError`` when the submission is refused, the run does not finish
     within ``timeout_s`` (the run is then stopped) or it finishes other than completed.
+    Several threads may submit into one ``run_dir`` at once: each submission stages its
+    app and run config in its own folder (see ``submission_dir``).
     """
     t0 = time.monotonic()
-    staged = stage_app(app_dir, run_config, run_dir / "flower_app")
-    overrides = run_dir / "run_config.toml"
+    staging = submission_dir(run_dir)
+    staged = stage_app(app_dir, run_config, staging / "flower_app")
+    overrides = staging / "run_config.toml"
     overrides.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
     args = ["run", str(staged), connection, "--run-config", str(overrides), "--format", "json"]
     started = _json_out(_flwr(args, flwr_home, 120.0), "flwr run")

@@ -30,6 +30,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import random
 import re
 import shutil
 import signal
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 HOST = "127.0.0.1"
 SUPEREXEC_POLL_INTERVAL_S = "0.05"
 STOP_GRACE_S = 5.0
+_CLAIM_FLOOR = 20000  # free_port picks from here up to the ephemeral range
 SUPERNODE_READY = re.compile(r"SuperNode ID: (\d+)")  # logged once registered
 RunConfig = Mapping[str, bool | int | float | str]
 
@@ -100,9 +102,32 @@ class ManagedProcess:
 # ---------------------------------------------------------------- ports and logs
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for ports it assigns itself (bind to port 0, outgoing connections)."""
+    with contextlib.suppress(OSError, ValueError):
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """Return a TCP port on 127.0.0.1 that is free right now, outside the ephemeral range.
+
+    A port is claimed here and bound later, after other processes have started: with ten
+    sites, ten Spark JVMs start in between, and each binds several ports the kernel picks
+    from its ephemeral range (driver, block manager, py4j), as does every outgoing
+    connection. A claimed port from that range was then sometimes taken before its
+    SuperNode bound it ("address already in use", seen with 10 sites on 2 cores). Ports
+    the kernel never hands out by itself are taken only by explicit binds.
+    """
+    low, _ = ephemeral_ports()
+    if low > _CLAIM_FLOOR + 1000:
+        pick = random.SystemRandom()
+        for _ in range(200):
+            port = pick.randrange(_CLAIM_FLOOR, low)
+            if port_is_free(port):
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # no room below the range
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
 

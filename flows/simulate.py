@@ -99,6 +99,18 @@ def write_site_settings(
     return path
 
 
+def start_timeout_s(sites: int) -> float:
+    """How long one process may take to become ready when ``sites`` Spark sites start at once.
+
+    Every site service starts a JVM and every site's key is registered (one ``flwr`` CLI
+    process each) at the same moment, sharing the machine's cores, so the slowest start
+    grows with their number (10 sites on 2 busy cores: registration 72 s, site services
+    ready after 82 s, against the network's default limit of 90 s). 90 s plus 10 s per site
+    beyond three.
+    """
+    return 90.0 + 10.0 * max(sites - 3, 0)
+
+
 _MARKER = ".fedrwe-simulation"
 
 
@@ -199,7 +211,8 @@ def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, 
     console.print("[bold]2/4[/] starting Prefect server, SuperLink, and a site agent + SuperNode per site")
     t_start = time.perf_counter()
     with LocalNetwork(
-        out / "run", specs, prefect_api_url=settings.prefect_api_url, insecure=settings.insecure_transport
+        out / "run", specs, prefect_api_url=settings.prefect_api_url, insecure=settings.insecure_transport,
+        start_timeout_s=start_timeout_s(settings.sites),
     ) as network:
         timings["start_network_s"] = round(time.perf_counter() - t_start, 2)
         timings["process_startup_s"] = {k: round(v, 2) for k, v in network.startup_seconds.items()}

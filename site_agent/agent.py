@@ -166,7 +166,17 @@ class SiteAgent:
             self.spark.stop()
 
     def handle(self, payload: bytes) -> bytes:
-        """Answer one request (bytes in, bytes out); never raises."""
+        """Answer one request (bytes in, bytes out); never raises.
+
+        One request at a time, whatever its study: the service answers each HTTP request on
+        a thread of its own, and several studies' rounds arrive at once when one coordinator
+        runs several studies. This lock (and the envelope gate's around it) keeps the reply
+        cache, the per-study state (``_states``), the Spark work and the Delta writes under
+        the workdir, the request ledger, the cohort registry and the hash-chained audit log
+        (one Delta commit per row, each naming the previous) in one order. Concurrent studies
+        therefore queue at the site (docs/reliability.md, "Load"); narrowing this lock needs
+        per-study locks around the study's dataset and a lock around every shared store.
+        """
         digest = hashlib.sha256(payload).hexdigest()
         with self._lock:
             cached = self._replies.get(digest)
