@@ -3,6 +3,8 @@
 Layout (in the study's output folder, next to results.json)::
 
     journal/run.json        study id, protocol hash, run id, status (running | complete)
+    journal/run_config.json the run config the run was submitted with (protocol text, key
+                            paths, options; never key material): what a resume resubmits
     journal/0001.json ...   one completed exchange each: the request's SHA-256 and the
                             round's outcome (every site's verified reply, the unreachable
                             sites, timing and bytes)
@@ -62,7 +64,10 @@ class RoundJournal:
         return self._replayed
 
     @classmethod
-    def start(cls, out_dir: Path, study_id: str, protocol_sha256: str, run_id: str) -> RoundJournal:
+    def start(
+        cls, out_dir: Path, study_id: str, protocol_sha256: str, run_id: str,
+        run_config: dict[str, Any] | None = None,
+    ) -> RoundJournal:
         """A new journal for a new run; an unfinished run's journal is never overwritten.
 
         Raises:
@@ -87,6 +92,8 @@ class RoundJournal:
             "status": "running", "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         _write_atomic(folder / "run.json", header)
+        if run_config is not None:
+            _write_atomic(folder / "run_config.json", run_config)
         return cls(folder, header, [])
 
     @classmethod

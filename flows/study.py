@@ -120,19 +120,20 @@ def run_comparisons(
 def study_flow(
     transport: FlowerTransport, protocol: StudyProtocol, out_dir: str, timeout_s: float,
     truth_path: str | None = None, signing_key: str | None = None, site_keyring: str | None = None,
-    resume: bool = False,
+    resume: bool = False, submitted: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the study's comparisons round by round, then write results.json and report.html.
 
     Every completed round is journaled in ``out_dir/journal``; with ``resume`` the run
     recorded there continues (same run id, journaled rounds replayed, coordinator/journal.py).
     ``signing_key``/``site_keyring`` are paths (keys are loaded here, never stored by Prefect).
+    ``submitted`` is the run config as submitted, kept in the journal for a resume.
     """
     out = Path(out_dir)
     if resume:
         journal = RoundJournal.resume(out, protocol.study_id, protocol.sha256())
     else:
-        journal = RoundJournal.start(out, protocol.study_id, protocol.sha256(), uuid.uuid4().hex)
+        journal = RoundJournal.start(out, protocol.study_id, protocol.sha256(), uuid.uuid4().hex, submitted)
     envelopes = coordinator_envelopes(signing_key, site_keyring)
     runner = RoundRunner(transport, timeout_s, envelopes, journal)
     comparisons = run_comparisons(runner, protocol, journal.run_id)
@@ -191,7 +192,8 @@ def run_study(transport: FlowerTransport, run_config: dict[str, Any]) -> dict[st
     keys = (str(run_config.get("signing-key", "")) or None, str(run_config.get("site-keyring", "")) or None)
     resume = str(run_config.get("resume", "false")).lower() == "true"
     try:
-        return study_flow(transport, protocol, out_dir, timeout_s, truth_path, *keys, resume=resume)
+        submitted = {key: value for key, value in run_config.items() if key not in ("resume", "flower-run-id")}
+        return study_flow(transport, protocol, out_dir, timeout_s, truth_path, *keys, resume=resume, submitted=submitted)
     except Exception as error:
         failure = Path(out_dir) / "error.txt"
         failure.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ failure without it is a transport problem and keeps the transport's message.
 from __future__ import annotations
 
 import json
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -113,16 +112,16 @@ def run_study_on_superlink(
 def resume_run_config(study_id: str, out: Path) -> dict[str, Any]:
     """The run config of the interrupted run of ``study_id`` in ``out``, set to resume.
 
-    The protocol text, keys and options are the ones the run was started with (its
-    ``run/run_config.toml``), so the resumed run asks the very same questions.
+    The protocol text, keys and options are the ones the run was submitted with (kept in
+    its journal), so the resumed run asks the very same questions.
 
     Raises:
         SettingsError: ``out`` holds no run, another study's run, or a finished one.
     """
-    stored = out / "run" / "run_config.toml"
     head = out / JOURNAL_DIR / "run.json"
-    if not stored.exists() or not head.exists():
-        missing = stored if not stored.exists() else head
+    stored = out / JOURNAL_DIR / "run_config.json"
+    if not head.exists() or not stored.exists():
+        missing = head if not head.exists() else stored
         raise SettingsError(
             f"no interrupted study run in {out} ({missing} is missing). Fix: pass the --out folder the "
             f"study was started with (`fedrwe study run ... --out DIR`)."
@@ -138,7 +137,7 @@ def resume_run_config(study_id: str, out: Path) -> dict[str, Any]:
             f"the run of study {study_id!r} in {out} is complete; there is nothing to resume. Fix: read "
             f"{out / 'results.json'}, or start a new run with `fedrwe study run`."
         )
-    config = tomllib.loads(stored.read_text(encoding="utf-8"))
+    config = json.loads(stored.read_text(encoding="utf-8"))
     return {**config, "resume": "true"}
 
 
