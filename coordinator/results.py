@@ -82,12 +82,15 @@ def study_results(
 # What differs between two runs of the same protocol on the same data: ids, clocks and
 # durations. Everything else in results.json is byte-identical across reruns and resumes.
 VOLATILE_TOP_LEVEL = ("run_id", "generated_at", "orchestration")
-VOLATILE_ROUND_FIELDS = ("seconds",)
+# bytes: a signed envelope carries its signing time (epoch seconds to the millisecond,
+# written as the shortest decimal), so a message's size can differ by a few bytes
+VOLATILE_ROUND_FIELDS = ("seconds", "bytes_sent", "bytes_received")
 VOLATILE_PROVENANCE_FIELDS = ("cohort_seconds",)
 
 
 def stable_view(results: dict[str, Any]) -> dict[str, Any]:
-    """``results`` without its volatile fields (the run's ids, times and durations).
+    """``results`` without its volatile fields (the run's ids, times, durations and the
+    signed messages' sizes).
 
     Two runs (or a run and its resume) of the same protocol on the same data have equal
     stable views, byte for byte as JSON: tests/test_reliability.py holds that.
@@ -103,6 +106,27 @@ def stable_view(results: dict[str, Any]) -> dict[str, Any]:
             for key in VOLATILE_PROVENANCE_FIELDS:
                 site.get("provenance", {}).pop(key, None)
     return dict(view)
+
+
+def stable_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Where two results differ outside their volatile fields: JSON paths with both values."""
+    found: list[str] = []
+
+    def walk(x: Any, y: Any, path: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) | set(y)):
+                if key not in x or key not in y:
+                    found.append(f"{path}.{key}: only in {'the second' if key in y else 'the first'}")
+                else:
+                    walk(x[key], y[key], f"{path}.{key}")
+        elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                walk(u, v, f"{path}[{i}]")
+        elif x != y:
+            found.append(f"{path}: {json.dumps(x)[:80]} != {json.dumps(y)[:80]}")
+
+    walk(stable_view(a), stable_view(b), "results")
+    return found
 
 
 def comparison_views(results: dict[str, Any]) -> list[dict[str, Any]]:

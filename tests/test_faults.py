@@ -27,7 +27,7 @@ import pytest
 import tomli_w
 from deltalake import DeltaTable
 
-from coordinator.results import stable_view
+from coordinator.results import stable_differences, stable_view
 from flows.localnet import LocalNetwork
 from flows.simulate import simulated_sites, simulation_keys
 from flows.submit import resume_run_config, study_run_config
@@ -141,6 +141,7 @@ def test_a_killed_coordinator_resumes_to_the_uninterrupted_results(network: Netw
     resumed = network.run(tmp_path, config=config)
     assert resumed["orchestration"]["rounds_replayed"] == journaled
     assert resumed["run_id"] == json.loads((tmp_path / "journal" / "run.json").read_text())["run_id"]
+    assert stable_differences(resumed, network.clean) == []
     assert _stable(resumed) == _stable(network.clean)
 
 
@@ -157,6 +158,7 @@ def test_a_site_that_stops_answering_and_comes_back_is_retried_into_the_same_res
 
     results = network.run(tmp_path, pause_site)
     assert results["participation"]["dropped"] == []
+    assert stable_differences(results, network.clean) == []
     assert _stable(results) == _stable(network.clean)
 
 

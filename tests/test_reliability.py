@@ -22,7 +22,7 @@ from pyspark.sql import SparkSession
 from coordinator.journal import RoundJournal
 from coordinator.participation import Participation, attempt_run_id
 from coordinator.plan import StudyPlan
-from coordinator.results import stable_view
+from coordinator.results import stable_differences, stable_view
 from flows.rounds import RoundOutcome, decode_replies, sort_replies
 from flows.study import study_flow
 from shared.errors import InsufficientSites, NoReply, SettingsError
@@ -101,9 +101,14 @@ def test_a_rerun_gives_byte_identical_results_but_for_ids_and_clocks(
 ) -> None:
     again = _run(network, prefect_api_url, tmp_path, FaultyWire(network["agents"]))
     assert again["run_id"] != clean["run_id"]
+    assert stable_differences(again, clean) == []
     assert _stable_bytes(again) == _stable_bytes(clean)
-    # the volatile fields are only ids, clocks and durations
+    # the volatile fields are only ids, clocks and durations (and, signed, message sizes)
     assert set(clean) - set(stable_view(clean)) == {"run_id", "generated_at", "orchestration"}
+    changed = json.loads(json.dumps(again))
+    changed["analyses"]["crude"]["hr"] += 1e-12
+    assert stable_differences(changed, clean) == [
+        f"results.analyses.crude.hr: {json.dumps(changed['analyses']['crude']['hr'])} != {json.dumps(clean['analyses']['crude']['hr'])}"]
 
 
 # ---------------------------------------------------------------- coordinator crash and resume
@@ -127,6 +132,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(
     resumed = _run(network, prefect_api_url, tmp_path, wire, resume=True)
     assert resumed["orchestration"]["rounds_replayed"] == crash_at - 1
     assert wire.calls == len(clean["rounds"]) - (crash_at - 1)  # only the missing rounds went out
+    assert stable_differences(resumed, clean) == []
     assert _stable_bytes(resumed) == _stable_bytes(clean)
     assert json.loads((tmp_path / "journal" / "run.json").read_text())["status"] == "complete"
     with pytest.raises(SettingsError, match="is complete"):
