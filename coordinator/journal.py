@@ -2,7 +2,8 @@
 
 Layout (in the study's output folder, next to results.json)::
 
-    journal/run.json        study id, protocol hash, run id, status (running | complete)
+    journal/run.json        study id, protocol hash, run id, status (running | complete |
+                            failed: the study itself failed, e.g. a broken quorum)
     journal/run_config.json the run config the run was submitted with (protocol text, key
                             paths, options; never key material): what a resume resubmits
     journal/0001.json ...   one completed exchange each: the request's SHA-256 and the
@@ -76,7 +77,7 @@ class RoundJournal:
         folder = out_dir / JOURNAL_DIR
         if (folder / "run.json").exists():
             old = json.loads((folder / "run.json").read_text(encoding="utf-8"))
-            if old.get("status") != "complete":
+            if old.get("status") == "running":  # crashed: only a resume may continue it
                 rounds = len(list(folder.glob("[0-9]*.json")))
                 raise SettingsError(
                     f"{out_dir} holds an unfinished run of study {old.get('study_id')!r} (run "
@@ -85,7 +86,7 @@ class RoundJournal:
                     f"choose another --out folder."
                 )
         if folder.exists():
-            shutil.rmtree(folder)  # a finished run's journal: its results.json is being replaced
+            shutil.rmtree(folder)  # a complete or failed run's journal: a new run replaces it
         folder.mkdir(parents=True)
         header = {
             "study_id": study_id, "protocol_sha256": protocol_sha256, "run_id": run_id,
@@ -168,6 +169,12 @@ class RoundJournal:
         _write_atomic(self.folder / f"{index:04d}.json", entry)
         self._entries.append(entry)
         self._next = len(self._entries)
+
+    def fail(self, reason: str) -> None:
+        """Mark the run failed (the study failed, the coordinator did not crash): a new run may
+        replace it, and a resume may retry it (for a failure that has since been fixed)."""
+        self.header = {**self.header, "status": "failed", "error": reason}
+        _write_atomic(self.folder / "run.json", self.header)
 
     def complete(self) -> None:
         """Mark the run complete (its results.json and report are written)."""

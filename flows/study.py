@@ -136,7 +136,11 @@ def study_flow(
         journal = RoundJournal.start(out, protocol.study_id, protocol.sha256(), uuid.uuid4().hex, submitted)
     envelopes = coordinator_envelopes(signing_key, site_keyring)
     runner = RoundRunner(transport, timeout_s, envelopes, journal)
-    comparisons = run_comparisons(runner, protocol, journal.run_id)
+    try:
+        comparisons = run_comparisons(runner, protocol, journal.run_id)
+    except FedRWEError as error:  # the study failed (a crash never gets here: it stays "running")
+        journal.fail(f"{type(error).__name__}: {error}")
+        raise
     extra: dict[str, Any] = {
         "site_approvals": runner.approvals, "envelopes": envelope_provenance(envelopes, runner.verified),
         "quorum": protocol.quorum.model_dump(mode="json"),

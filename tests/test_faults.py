@@ -119,7 +119,7 @@ def test_the_clean_run_uses_every_site(network: Network) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("after_round", [1, 3])
+@pytest.mark.parametrize("after_round", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_a_killed_coordinator_resumes_to_the_uninterrupted_results(network: Network, tmp_path: Path, after_round: int) -> None:
     """SIGKILL the ServerApp once round ``after_round`` is journaled; `fedrwe study resume`'s
     run config then finishes the run: byte-identical to the clean run but for ids and clocks."""

@@ -206,6 +206,12 @@ def test_a_quorum_the_dropout_breaks_fails_the_study_naming_the_site_and_fix(
     assert "2 site(s) remain (['site_01', 'site_02']) and the quorum needs 3" in message
     assert re.search(r"site_03 at \d-\w+ \(unavailable: no reply within the round's timeout of 60 s\)", message)
     assert "Fix: bring the dropped sites back" in message
+    head = json.loads((tmp_path / "journal" / "run.json").read_text())
+    assert head["status"] == "failed"
+    assert head["error"].startswith("InsufficientSites: ")
+    # a failed run is no crash: a new run into the same folder replaces its journal
+    again = _run(network, prefect_api_url, tmp_path, FaultyWire(network["agents"]))
+    assert again["participation"]["dropped"] == []
 
 
 # ---------------------------------------------------------------- the pieces, without Spark
