@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -195,13 +196,14 @@ def site_status_command(
         typer.echo(json.dumps(status, indent=2, sort_keys=True))
         return
     stdout = Console()
-    stdout.print(f"audit log {status['audit_log']}: {status['entries']} entries, last {status['last_entry'] or '-'}")
-    kinds = ("released", "withheld", "suppressed", "refused", "error", "replayed")
-    table = Table(title="studies that ran here (from the audit log)")
-    for column in ("study", "rounds", *kinds, "last"):
-        table.add_column(column, justify="right" if column in kinds else "left")
+    stdout.print(f"audit log {status['audit_log']}: {status['entries']} entries", soft_wrap=True)
+    table = Table(title="studies that ran here (from the audit log)", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="withheld: released with parts withheld; last: UTC")
+    for column in ("study", "rounds", "replies by decision", "last"):
+        table.add_column(column, justify="right" if column == "rounds" else "left", no_wrap=column != "replies by decision")
     for study_id, s in status["studies"].items():
-        table.add_row(study_id, str(len(s["rounds"])), *(str(s["decisions"].get(k, 0)) for k in kinds), s["last"])
+        decisions = ", ".join(f"{kind} {n}" for kind, n in s["decisions"].items())
+        table.add_row(study_id, str(len(s["rounds"])), decisions, s["last"][:19].replace("T", " "))
     stdout.print(table)
     if not status["pending"]:
         stdout.print("pending approval: none")
