@@ -36,7 +36,7 @@ def outcome(name: str, replies: dict[str, str], unreachable: tuple[str, ...] = (
     """A round's outcome as RoundOutcome.to_json journals it."""
     return {
         "replies": {site: {"status": status, "site_id": site} for site, status in replies.items()},
-        "unreachable": {site: "no reply within the round's timeout of 60 s" for site in unreachable},
+        "unreachable": dict.fromkeys(unreachable, "no reply within the round's timeout of 60 s"),
         "nodes": {}, "verified": {},
         "record": {"name": name, "seconds": seconds, "bytes_sent": 2048, "bytes_received": 1024,
                    "sites": sorted(replies)},
