@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -307,7 +308,7 @@ def study_run(
     if as_json:
         typer.echo(json.dumps(run(), indent=2, sort_keys=True))
         return
-    with JournalProgress(out.resolve(), Console()):
+    with JournalProgress(out.resolve(), Console(), since=time.time()):
         results = run()
     _print_results(results, out, prefect_api_url)
 
@@ -511,7 +512,12 @@ def main() -> None:
             sys.exit(2)
         if _state["debug"]:
             console.print_exception()
-        console.print(f"[bold red]fedrwe:[/] {escape(str(error))}", highlight=False)
+            console.print(f"[bold red]fedrwe:[/] {escape(str(error))}", highlight=False)
+            sys.exit(2)
+        first, *more = str(error).strip().splitlines() or [type(error).__name__]
+        console.print(f"[bold red]fedrwe:[/] {escape(first)}", highlight=False)
+        if more:  # e.g. the ServerApp log's tail under a transport failure
+            console.print(f"({len(more)} more lines of detail and the traceback: fedrwe --debug ...)", highlight=False)
         sys.exit(2)
     except typer.Abort:
         console.print("aborted")

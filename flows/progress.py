@@ -107,18 +107,26 @@ def rounds_table(rounds: list[dict[str, Any]], title: str = "rounds") -> Table:
 class JournalProgress:
     """Redraw the rounds table from ``OUT/journal`` while a run is followed (a rich Live).
 
-    Rounds already in the journal when it starts (a resumed run's) are shown too.
+    Rounds already in the journal when it starts (a resumed run's) are shown too; with
+    ``since`` (a new run's start, epoch seconds) a journal begun earlier (an older run's, until
+    the new run replaces it) is not.
     """
 
-    def __init__(self, out: Path, console: Console, interval_s: float = 1.0) -> None:
+    def __init__(self, out: Path, console: Console, interval_s: float = 1.0, since: float | None = None) -> None:
         self._out = out
+        self._since = since
         self._interval_s = interval_s
         self._live = Live(self._table(), console=console, refresh_per_second=2, transient=False)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _table(self) -> Table:
-        rounds = journal_rounds(self._out)
+        head = self._out / JOURNAL_DIR / "run.json"
+        try:
+            stale = self._since is not None and head.stat().st_mtime < self._since - 1.0
+        except OSError:
+            stale = True
+        rounds = [] if stale else journal_rounds(self._out)
         return rounds_table(rounds, f"rounds done: {len(rounds)} (journal {self._out / JOURNAL_DIR})")
 
     def _run(self) -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from coordinator.journal import RoundJournal
 from flows.cli import app, main
 from flows.progress import JournalProgress, flow_run_url, study_status
 from flows.study import flow_run_name
+from shared.errors import TransportError
 from shared.protocol.model import load_protocol
 from site_agent.approval import approval_store
 from site_agent.audit.delta_log import DeltaAuditLog
@@ -200,3 +203,33 @@ def test_site_status_tells_the_steward_what_ran_waits_and_was_released(tmp_path:
     assert "pending approval: none" in shown
     assert f"approved: {PROTOCOL.study_id}" in shown
     assert "dr_who" in shown
+
+
+def test_a_new_runs_view_hides_the_older_journal_until_it_is_replaced(tmp_path: Path) -> None:
+    journal_with_two_rounds(tmp_path).complete()
+    old = tmp_path / "journal" / "run.json"
+    os.utime(old, (1_000_000.0, 1_000_000.0))  # the earlier run's journal
+    buffer = io.StringIO()
+    with JournalProgress(tmp_path, Console(file=buffer, width=200), interval_s=0.05, since=time.time()):
+        time.sleep(0.2)
+    assert "rounds done: 0" in buffer.getvalue()
+    assert "2-propensity" not in buffer.getvalue()
+
+
+def test_a_multi_line_error_prints_its_first_line_and_the_rest_only_with_debug(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    journal_with_two_rounds(tmp_path)
+
+    def broken(out: Path) -> None:
+        raise TransportError("Flower run 7 ended as 'finished:failed': stopped\nlog line one\nlog line two")
+
+    monkeypatch.setattr("flows.progress.study_status", broken)
+    code, _, err = run_main(monkeypatch, capsys, "study", "status", "--out", str(tmp_path))
+    assert code == 2
+    assert "Flower run 7 ended as 'finished:failed': stopped" in err
+    assert "log line one" not in err
+    assert "2 more lines of detail and the traceback: fedrwe --debug" in err
+    code, _, err = run_main(monkeypatch, capsys, "--debug", "study", "status", "--out", str(tmp_path))
+    assert "log line two" in err
+    assert "Traceback" in err
