@@ -512,12 +512,7 @@ def main() -> None:
             sys.exit(2)
         if _state["debug"]:
             console.print_exception()
-            console.print(f"[bold red]fedrwe:[/] {escape(str(error))}", highlight=False)
-            sys.exit(2)
-        first, *more = str(error).strip().splitlines() or [type(error).__name__]
-        console.print(f"[bold red]fedrwe:[/] {escape(first)}", highlight=False)
-        if more:  # e.g. the ServerApp log's tail under a transport failure
-            console.print(f"({len(more)} more lines of detail and the traceback: fedrwe --debug ...)", highlight=False)
+        console.print(f"[bold red]fedrwe:[/] {escape(str(error))}", highlight=False)
         sys.exit(2)
     except typer.Abort:
         console.print("aborted")

@@ -24,7 +24,6 @@ from coordinator.journal import RoundJournal
 from flows.cli import app, main
 from flows.progress import JournalProgress, flow_run_url, study_status
 from flows.study import flow_run_name
-from shared.errors import TransportError
 from shared.protocol.model import load_protocol
 from site_agent.approval import approval_store
 from site_agent.audit.delta_log import DeltaAuditLog
@@ -215,21 +214,3 @@ def test_a_new_runs_view_hides_the_older_journal_until_it_is_replaced(tmp_path: 
     assert "rounds done: 0" in buffer.getvalue()
     assert "2-propensity" not in buffer.getvalue()
 
-
-def test_a_multi_line_error_prints_its_first_line_and_the_rest_only_with_debug(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-) -> None:
-    journal_with_two_rounds(tmp_path)
-
-    def broken(out: Path) -> None:
-        raise TransportError("Flower run 7 ended as 'finished:failed': stopped\nlog line one\nlog line two")
-
-    monkeypatch.setattr("flows.progress.study_status", broken)
-    code, _, err = run_main(monkeypatch, capsys, "study", "status", "--out", str(tmp_path))
-    assert code == 2
-    assert "Flower run 7 ended as 'finished:failed': stopped" in err
-    assert "log line one" not in err
-    assert "2 more lines of detail and the traceback: fedrwe --debug" in err
-    code, _, err = run_main(monkeypatch, capsys, "--debug", "study", "status", "--out", str(tmp_path))
-    assert "log line two" in err
-    assert "Traceback" in err
