@@ -155,10 +155,10 @@ def participation_table(results: dict[str, Any]) -> Table:
     for view in comparison_views(results):
         part = view.get("participation", {})
         rounds = view.get("rounds", [])
-        dropped = part.get("dropped") or {}
+        dropped = {str(d.get("site_id")): str(d.get("status", "?")) for d in part.get("dropped") or []}
         table.add_row(
             str(view["comparison_id"] or "-"), ", ".join(part.get("sites", [])) or "-", str(part.get("attempts", "-")),
-            ", ".join(sorted(dropped)) or "-", str(len(rounds)),
+            ", ".join(f"{site} ({status})" for site, status in sorted(dropped.items())) or "-", str(len(rounds)),
             f"{sum(float(r.get('seconds', 0)) for r in rounds):.1f}" if rounds else "-",
         )
     return table

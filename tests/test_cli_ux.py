@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from coordinator.journal import RoundJournal
 from flows.cli import app, main
-from flows.progress import JournalProgress, flow_run_url, study_status
+from flows.progress import JournalProgress, flow_run_url, participation_table, study_status
 from flows.study import flow_run_name
 from shared.protocol.model import load_protocol
 from site_agent.approval import approval_store
@@ -214,3 +214,16 @@ def test_a_new_runs_view_hides_the_older_journal_until_it_is_replaced(tmp_path: 
     assert "rounds done: 0" in buffer.getvalue()
     assert "2-propensity" not in buffer.getvalue()
 
+
+
+def test_the_final_summary_names_each_comparisons_sites_and_dropouts() -> None:
+    dropout = {"site_id": "site_02", "comparison": None, "round_name": "1-summary", "status": "error",
+               "reason": "table 'death' is missing"}
+    results = {**report_results(), "participation": {"sites": ["site_01", "site_03"], "attempts": 1,
+                                                     "dropped": [dropout]}}
+    buffer = io.StringIO()
+    Console(file=buffer, width=200).print(participation_table(results))
+    row = next(line for line in buffer.getvalue().splitlines() if "site_01" in line)
+    assert "site_01, site_03" in row
+    assert "site_02 (error)" in row
+    assert " 66.0" in row  # the seconds of the results' one round
