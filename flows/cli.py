@@ -12,6 +12,9 @@
     fedrwe keys new --owner site_01 --out keys/     (a private key and its public keyring)
     fedrwe keys trust keyring.json --add site_01.keyring.json [--retire-others-at ISO]
     fedrwe site audit verify --config site.toml     (and: fedrwe site audit show)
+    fedrwe study status --out out/study [--json] [--prefect-api-url URL]
+    fedrwe study report STUDY_ID --out out/study   (re-render report.html from results.json)
+    fedrwe site status --config site.toml [--json] (what ran, pending approval, released)
     fedrwe protocol check studies/ketamine_cud.yaml
 
 Site commands import only the site agent (no Prefect); study commands only the
@@ -21,16 +24,20 @@ the traceback.
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from flows.audit_cli import audit_app
-from shared.errors import FedRWEError
+from shared.errors import FedRWEError, SettingsError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Federated real-world evidence.")
 site_app = typer.Typer(no_args_is_help=True, help="Commands a hospital runs.")
@@ -46,7 +53,7 @@ app.add_typer(keys_app, name="keys")
 site_app.add_typer(audit_app, name="audit")
 
 console = Console(stderr=True)
-_state = {"debug": False}
+_state = {"debug": False, "json": False}
 
 
 @app.callback()
@@ -175,6 +182,39 @@ def site_approvals(config: Annotated[Path, typer.Option(help="The site's setting
         typer.echo(f"{a.study_id}  sha256 {a.sha256}  approved by {a.approved_by} at {a.approved_at}")
 
 
+@site_app.command("status")
+def site_status_command(
+    config: Annotated[Path, typer.Option(help="The site's settings (TOML).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """For the steward: what ran here, what waits for approval, what was released."""
+    from site_agent.audit.status import site_status
+    from site_agent.settings import load_site_settings
+
+    _state["json"] = as_json
+    status = site_status(load_site_settings(config).workdir)
+    if as_json:
+        typer.echo(json.dumps(status, indent=2, sort_keys=True))
+        return
+    stdout = Console()
+    stdout.print(f"audit log {status['audit_log']}: {status['entries']} entries", soft_wrap=True)
+    table = Table(title="studies that ran here (from the audit log)", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="withheld: released with parts withheld; last: UTC")
+    for column in ("study", "rounds", "replies by decision", "last"):
+        table.add_column(column, justify="right" if column == "rounds" else "left", no_wrap=column != "replies by decision")
+    for study_id, s in status["studies"].items():
+        decisions = ", ".join(f"{kind} {n}" for kind, n in s["decisions"].items())
+        table.add_row(study_id, str(len(s["rounds"])), decisions, s["last"][:19].replace("T", " "))
+    stdout.print(table)
+    if not status["pending"]:
+        stdout.print("pending approval: none")
+    for p in status["pending"]:
+        typer.echo(f"pending approval: {p['study_id']} (asked {p['asked_at']}); to approve: "
+                   f"fedrwe site approve {p['study_id']} --sha256 {p['sha256']} --config {config}")
+    for a in status["approvals"]:
+        typer.echo(f"approved: {a['study_id']} sha256 {a['sha256'][:12]} by {a['approved_by']} at {a['approved_at']}")
+
+
 @keys_app.command("new")
 def keys_new(
     owner: Annotated[str, typer.Option(help="Whose key: 'coordinator' or the site id.")],
@@ -206,7 +246,6 @@ def keys_trust(
     from datetime import datetime
 
     from shared.crypto import Keyring, load_keyring
-    from shared.errors import SettingsError
 
     target = load_keyring(keyring) if keyring.exists() else Keyring()
     new = load_keyring(add).entries()
@@ -248,20 +287,44 @@ def study_run(
     site_keyring: Annotated[
         Path | None, typer.Option(help="Keyring of the sites' public keys; replies are verified with it.")
     ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print results.json (or a JSON error object) to stdout and nothing else.")
+    ] = False,
 ) -> None:
-    """Submit a study to a running SuperLink and follow it to the end."""
+    """Submit a study to a running SuperLink and follow it to the end, round by round."""
+    from flows.progress import JournalProgress
     from flows.submit import run_study_on_superlink
 
+    _state["json"] = as_json
     keys = {"signing-key": str(signing_key.resolve()) if signing_key else "",
             "site-keyring": str(site_keyring.resolve()) if site_keyring else ""}
-    results = run_study_on_superlink(
-        protocol, superlink, out, min_sites, prefect_api_url, keys,
-        root_certificates=root_certificates, insecure=insecure,
-    )
+
+    def run() -> dict[str, Any]:
+        return run_study_on_superlink(
+            protocol, superlink, out, min_sites, prefect_api_url, keys,
+            root_certificates=root_certificates, insecure=insecure,
+        )
+
+    if as_json:
+        typer.echo(json.dumps(run(), indent=2, sort_keys=True))
+        return
+    with JournalProgress(out.resolve(), Console(), since=time.time()):
+        results = run()
+    _print_results(results, out, prefect_api_url)
+
+
+def _print_results(results: dict[str, Any], out: Path, prefect_api_url: str | None) -> None:
+    """The estimates, each comparison's sites, where the files are and the Prefect flow run's page."""
+    from flows.progress import flow_run_url, participation_table
     from flows.summary import print_estimates
 
-    print_estimates(Console(), results)
-    Console().print(f"results in {out / 'results.json'}")
+    stdout = Console()
+    print_estimates(stdout, results)
+    stdout.print(participation_table(results))
+    stdout.print(f"results in {out / 'results.json'}, report in {out / 'report.html'}")
+    url = flow_run_url(prefect_api_url, results)
+    if url:
+        stdout.print(f"Prefect flow run: {url}")
 
 
 @study_app.command("resume")
@@ -280,16 +343,85 @@ def study_resume(
     ] = False,
 ) -> None:
     """Continue an interrupted study run from its last completed round (its journal in --out)."""
+    from flows.progress import JournalProgress
     from flows.submit import resume_study_on_superlink
 
-    results = resume_study_on_superlink(
-        study_id, superlink, out, prefect_api_url, root_certificates=root_certificates, insecure=insecure,
-    )
-    from flows.summary import print_estimates
-
-    print_estimates(Console(), results)
+    with JournalProgress(out.resolve(), Console()):
+        results = resume_study_on_superlink(
+            study_id, superlink, out, prefect_api_url, root_certificates=root_certificates, insecure=insecure,
+        )
+    _print_results(results, out, prefect_api_url)
     replayed = results.get("orchestration", {}).get("rounds_replayed", 0)
     Console().print(f"resumed run {results['run_id']} ({replayed} rounds from the journal); results in {out / 'results.json'}")
+
+
+@study_app.command("status")
+def study_status_command(
+    out: Annotated[Path, typer.Option(help="The study run's folder (its --out).")] = Path("out/study"),
+    prefect_api_url: Annotated[
+        str | None, typer.Option(help="Also ask this Prefect server for the flow run's state.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Where a study run is: running / complete / failed, rounds done, each site's last status."""
+    from flows.progress import flow_run_state, rounds_table, study_status
+
+    _state["json"] = as_json
+    status = study_status(out)
+    if status["state"] == "none" and "results" not in status:
+        raise SettingsError(
+            f"no study run in {out} (no journal/run.json, no results.json). Fix: pass the --out folder "
+            f"the study was started with (`fedrwe study run ... --out DIR`)."
+        )
+    if prefect_api_url and status.get("prefect_flow_run_id"):
+        status["prefect_state"] = flow_run_state(prefect_api_url, status["prefect_flow_run_id"])
+    if as_json:
+        typer.echo(json.dumps(status, indent=2, sort_keys=True))
+        return
+    stdout = Console()
+    stdout.print(
+        f"[bold]{status['study_id']}[/] run {status['run_id']}: [bold]{status['state']}[/], "
+        f"{status['rounds_done']} round(s) done" + (f", started {status['started_at']}" if status["started_at"] else "")
+    )
+    stdout.print(rounds_table(status["rounds"]))
+    if status["dropped"]:
+        stdout.print(f"dropped (last status not ok): {', '.join(status['dropped'])}")
+    if "error" in status:
+        stdout.print(f"error: {escape(status['error'])}")
+    if "prefect_state" in status:
+        stdout.print(f"Prefect flow run {status['prefect_flow_run_id']}: {status['prefect_state']}")
+    if "results" in status:
+        stdout.print(f"results: {status['results']}")
+    elif status["state"] == "running":
+        stdout.print(f"if its coordinator stopped: fedrwe study resume {status['study_id']} --out {out} ...")
+
+
+@study_app.command("report")
+def study_report(
+    study_id: Annotated[str, typer.Argument(help="The study whose report to re-render.")],
+    out: Annotated[Path, typer.Option(help="The study run's folder (its --out), holding results.json.")] = Path("out/study"),
+) -> None:
+    """Re-render report.html from the stored results.json (no site is asked anything)."""
+    from coordinator.report import write_report
+
+    path = out / "results.json"
+    if not path.is_file():
+        raise SettingsError(
+            f"no results.json in {out}. Fix: pass the --out folder of a completed run "
+            f"(`fedrwe study status --out DIR` tells whether it completed)."
+        )
+    results = json.loads(path.read_text(encoding="utf-8"))
+    if results.get("study_id") != study_id:
+        raise SettingsError(
+            f"{path} holds the results of study {results.get('study_id')!r}, not {study_id!r}. Fix: pass "
+            f"{results.get('study_id')!r}, or the --out folder of study {study_id!r}."
+        )
+    truth = None
+    truth_path = results.get("simulation", {}).get("truth_path")
+    if truth_path and Path(truth_path).is_file():
+        truth = json.loads(Path(truth_path).read_text(encoding="utf-8"))
+    write_report(out / "report.html", results, truth)
+    Console().print(f"wrote {out / 'report.html'} from {path}")
 
 
 @protocol_app.command("check")
@@ -375,6 +507,9 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except FedRWEError as error:
+        if _state["json"]:
+            typer.echo(json.dumps({"error": type(error).__name__, "message": str(error)}))
+            sys.exit(2)
         if _state["debug"]:
             console.print_exception()
         console.print(f"[bold red]fedrwe:[/] {escape(str(error))}", highlight=False)

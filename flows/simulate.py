@@ -27,6 +27,7 @@ from rich.table import Table
 from coordinator.results import comparison_views
 from flows.keys import NetworkKeys, make_network_keys
 from flows.localnet import LocalNetwork, SiteSpec, free_port
+from flows.progress import JournalProgress, flow_run_url
 from flows.submit import run_and_explain, study_run_config
 from flows.summary import print_estimates
 from shared.errors import DataError
@@ -222,10 +223,11 @@ def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, 
         run_config = study_run_config(
             settings.protocol, out, **{"truth-path": str(out / "truth.json")}, **simulation_keys(out / "sites").run_config()
         )
-        with PeakMemory(network) as memory:
+        with PeakMemory(network) as memory, JournalProgress(out, console):
             run = run_and_explain(network.submit_run, run_config, out, out / "run" / "logs")
         timings["study_run_s"] = round(time.perf_counter() - t_run, 2)
         timings["flower_run_id"] = run.run_id
+        prefect_api_url = network.prefect_api_url
     timings["peak_rss_bytes"] = {"per_process": memory.per_process, "total": memory.total}
 
     console.print("[bold]4/4[/] writing the pooled dataset (simulation only) and the summary")
@@ -241,6 +243,12 @@ def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, 
     truth = json.loads((out / "truth.json").read_text(encoding="utf-8"))
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
     _print_summary(console, results, truth, timings, out, n_rows)
+    url = flow_run_url(prefect_api_url, results)
+    if url:
+        served = ("served by the Prefect server you passed" if settings.prefect_api_url else
+                  "its Prefect server ran only while the network did; pass --prefect-api-url of a Prefect "
+                  "server you keep running to browse it afterwards")
+        console.print(f"Prefect flow run: {url} ({served})")
     return results
 
 

@@ -178,6 +178,15 @@ def envelope_provenance(envelopes: CoordinatorEnvelopes | None, verified: dict[s
     return {"signed": True, "coordinator_key_id": envelopes.key_id, "site_key_ids": dict(sorted(verified.items()))}
 
 
+def flow_run_name(protocol: StudyProtocol, run_config: dict[str, Any], resume: bool) -> str:
+    """The flow run's name in the Prefect UI: study, comparisons, Flower run, resumed or not."""
+    count = len(protocol.comparison_ids())
+    name = f"{protocol.study_id} ({count} comparison{'s' if count != 1 else ''})"
+    if run_config.get("flower-run-id"):
+        name += f" flower-run {run_config['flower-run-id']}"
+    return name + (" resumed" if resume else "")
+
+
 def run_study(transport: FlowerTransport, run_config: dict[str, Any]) -> dict[str, Any]:
     """ServerApp entrypoint: read the run config and run the study flow."""
     text = str(run_config.get("protocol-yaml", ""))
@@ -197,7 +206,8 @@ def run_study(transport: FlowerTransport, run_config: dict[str, Any]) -> dict[st
     resume = str(run_config.get("resume", "false")).lower() == "true"
     try:
         submitted = {key: value for key, value in run_config.items() if key not in ("resume", "flower-run-id")}
-        return study_flow(transport, protocol, out_dir, timeout_s, truth_path, *keys, resume=resume, submitted=submitted)
+        named = study_flow.with_options(flow_run_name=flow_run_name(protocol, run_config, resume))
+        return named(transport, protocol, out_dir, timeout_s, truth_path, *keys, resume=resume, submitted=submitted)
     except Exception as error:
         failure = Path(out_dir) / "error.txt"
         failure.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ round, and no process may be left behind.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import threading
 from pathlib import Path
@@ -58,10 +59,11 @@ def simulation(tmp_path_factory: pytest.TempPathFactory, prefect_api_url: str) -
         out=out, sites=3, patients=9_000, seed=11, protocol=PROTOCOL, prefect_api_url=prefect_api_url
     )  # seed 11: every binary covariate level has >= 10 persons at each site (the default
     # site policy withholds the PS of a site where a level is rarer, e.g. race_asian at seed 5)
+    printed = io.StringIO()
     with ChildWatcher() as watcher:
-        results = run_simulation(settings, console=Console(quiet=True))
+        results = run_simulation(settings, console=Console(file=printed, width=200))
     assert len(watcher.seen - watcher.before) >= 10  # SuperLink, 3 x (service, JVM, SuperNode), ...
-    return {"out": out, "results": results, "leftover": watcher.still_running()}
+    return {"out": out, "results": results, "leftover": watcher.still_running(), "printed": printed.getvalue()}
 
 
 @pytest.mark.integration
@@ -122,6 +124,7 @@ def test_prefect_lists_the_flow_run_with_one_task_run_per_round(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
         )
         assert len(flow_runs) == 1
+        assert flow_runs[0].name.startswith(f"{simulation['results']['study_id']} (1 comparison) flower-run ")
         assert flow_runs[0].state is not None
         assert flow_runs[0].state.is_completed()
         task_runs = client.read_task_runs(
@@ -129,6 +132,18 @@ def test_prefect_lists_the_flow_run_with_one_task_run_per_round(
         )
     names = sorted(run.name for run in task_runs)
     assert names == sorted(r["name"] for r in simulation["results"]["rounds"])
+    ui = prefect_api_url.removesuffix("/api")
+    assert f"Prefect flow run: {ui}/runs/flow-run/{run_id} (served by the Prefect server you passed)" in simulation["printed"]
+
+
+@pytest.mark.integration
+def test_the_simulation_shows_every_round_as_it_is_journaled(simulation: dict[str, Any]) -> None:
+    printed = simulation["printed"]
+    rounds = simulation["results"]["rounds"]
+    assert f"rounds done: {len(rounds)}" in printed
+    for record in rounds:
+        assert record["name"] in printed
+    assert all(site in printed for site in ("site_01", "site_02", "site_03"))
 
 
 @pytest.mark.integration

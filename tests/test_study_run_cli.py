@@ -57,6 +57,19 @@ def test_study_run_writes_results(network: tuple[LocalNetwork, Path], prefect_ap
     for name in results["analyses"]:  # the estimates table, one row per analysis
         assert f" {name} " in done.stdout
     assert "results.json" in done.stdout
+    assert f"rounds done: {len(results['rounds'])}" in done.stdout  # the live view's last drawing
+    flow_run = results["orchestration"]["prefect_flow_run_id"]
+    assert f"{prefect_api_url.removesuffix('/api')}/runs/flow-run/{flow_run}" in done.stdout
+    status = fedrwe("study", "status", "--out", str(tmp_path), "--json", "--prefect-api-url", prefect_api_url)
+    assert status.returncode == 0, status.stderr
+    shown = json.loads(status.stdout)
+    assert (shown["state"], shown["rounds_done"]) == ("complete", len(results["rounds"]))
+    assert shown["sites"] == dict.fromkeys(["site_01", "site_02", "site_03"], "ok")
+    assert shown["prefect_state"].startswith("Completed (ketamine_cud_anaesthesia (1 comparison) flower-run ")
+    (tmp_path / "report.html").unlink()
+    report = fedrwe("study", "report", results["study_id"], "--out", str(tmp_path))
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "report.html").stat().st_size > 0
 
 
 @pytest.mark.integration
