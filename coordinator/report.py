@@ -472,7 +472,10 @@ def _truth(page: _Page, truth: dict[str, Any] | None, views: list[dict[str, Any]
 
 def render_report(results: dict[str, Any], truth: dict[str, Any] | None = None) -> str:
     """The report as one HTML string (one part per comparison when the study has several)."""
-    page = _render(results, truth)
+    return _html(results, _render(results, truth))
+
+
+def _html(results: dict[str, Any], page: _Page) -> str:
     toc = "".join(f"<li><a href='#{escape(a)}'>{escape(t)}</a></li>" for a, t in page.toc)
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
@@ -487,11 +490,11 @@ _SVG_NAMESPACE = "<svg xmlns='http://www.w3.org/2000/svg' "
 
 def write_report(path: Path, results: dict[str, Any], truth: dict[str, Any] | None = None) -> None:
     """Write report.html and its figures as ``figures/<name>.svg`` next to it."""
-    path.write_text(render_report(results, truth), encoding="utf-8")
-    figures = _render(results, truth).figures
+    page = _render(results, truth)
+    path.write_text(_html(results, page), encoding="utf-8")
     folder = path.parent / "figures"
     folder.mkdir(parents=True, exist_ok=True)
-    for name, svg in figures.items():
+    for name, svg in page.figures.items():
         (folder / f"{name}.svg").write_text(
             "<?xml version='1.0' encoding='utf-8'?>\n" + svg.replace("<svg ", _SVG_NAMESPACE, 1) + "\n",
             encoding="utf-8")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
-from coordinator.report import render_report
+from coordinator.report import render_report, write_report
 
 
 def results() -> dict[str, Any]:
@@ -56,3 +57,16 @@ def test_report_has_every_section_and_escapes_text() -> None:
     assert "Ketamine &lt;and&gt; CUD" in html
     assert "http" not in html
     assert "src=" not in html
+
+
+def test_write_report_saves_each_inline_figure_as_svg(tmp_path: Path) -> None:
+    write_report(tmp_path / "report.html", results(), truth={"hr_conditional": 1.98})
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    saved = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert saved == ["forest.svg", "love_plot.svg"]  # no KM tables or PS histogram in these results
+    for name in saved:
+        svg = (tmp_path / "figures" / name).read_text(encoding="utf-8")
+        assert svg.startswith("<?xml")
+        assert "xmlns='http://www.w3.org/2000/svg'" in svg
+        assert svg.split("<svg ", 1)[1].split(">", 1)[1].strip() in html  # the same drawing, inline
+    assert ">matched: pooled (federated)</text>" in html
