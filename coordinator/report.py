@@ -32,7 +32,7 @@ body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:2px;margin-top:1.6em}
 h3{font-size:1em}code{font-size:90%;word-break:break-all}
 table{border-collapse:collapse;margin:.6em 0;font-size:90%}td,th{border:1px solid #ccc;padding:3px 7px;
- text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+ text-align:right}th{background:#f3f3f3}td.n{white-space:nowrap}td:first-child,th:first-child{text-align:left}
 .note{color:#555;font-size:90%}.headline{font-size:1.1em;background:#f6f8fa;border-left:4px solid #2471a3;
  padding:.5em .8em}figure{margin:.8em 0;break-inside:avoid}figcaption{font-size:90%;color:#555}
 svg{max-width:100%;height:auto}nav{font-size:90%;columns:2}.wide{overflow-x:auto}
@@ -80,8 +80,14 @@ class _Keyed:
 
 def _table(header: list[str] | None, rows: list[list[Any]]) -> str:
     head = "" if header is None else "<tr>" + "".join(f"<th>{escape(str(h))}</th>" for h in header) + "</tr>"
-    body = "".join("<tr>" + "".join(f"<td>{_cell(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(_td(cell) for cell in row) + "</tr>" for row in rows)
     return f"<div class='wide'><table>{head}{body}</table></div>"
+
+
+def _td(cell: Any) -> str:
+    """A cell; short ones (numbers, estimates with CIs) do not wrap."""
+    text = _cell(cell)
+    return f"<td class='n'>{text}</td>" if len(cell.text if isinstance(cell, _Keyed) else text) <= 24 else f"<td>{text}</td>"
 
 
 def _fmt(value: Any) -> str:
@@ -90,10 +96,19 @@ def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
+        if abs(value) < 0.0005:
+            return "0.000"  # no "-0.000"
         return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def _p(value: Any) -> str:
+    """A p-value: three decimals, or "<0.001"."""
+    if isinstance(value, float) and value < 0.001:
+        return "<0.001"
+    return _fmt(value)
 
 
 def _count(value: Any) -> str:
@@ -151,7 +166,7 @@ def _main_table(results: dict[str, Any], prefix: str) -> str:
             _ci(a.get("risk_ratio"), a.get("risk_ratio_ci_low"), a.get("risk_ratio_ci_high")),
             _ci(a.get("risk_difference"), a.get("risk_difference_ci_low"), a.get("risk_difference_ci_high")),
             _Keyed(_key(prefix, f"hr-{name}"), _ci(a["hr"], a["ci_low"], a["ci_high"])),
-            a.get("logrank_p"), a.get("ph_check", {}).get("p_value"),
+            _p(a.get("logrank_p")), _p(a.get("ph_check", {}).get("p_value")),
         ])
     return _table(
         ["analysis", "n exposed", "n comparator", "events exposed", "events comparator", "risk exposed",
@@ -304,7 +319,7 @@ def _ph_check(page: _Page, analyses: dict[str, Any], anchor: str) -> None:
         windows = "; ".join(
             f"days {w['start_day']}-{'end' if w['end_day'] is None else w['end_day']}: "
             f"{'-' if w.get('hr') is None else format(w['hr'], '.2f')}" for w in check["windows"])
-        rows.append([name, windows, check.get("statistic"), check.get("df"), check.get("p_value")])
+        rows.append([name, windows, check.get("statistic"), check.get("df"), _p(check.get("p_value"))])
     methods = sorted({a["ph_check"]["method"] for a in analyses.values() if "method" in a.get("ph_check", {})})
     if methods:
         page.note("Method: " + " / ".join(methods) + ". A small p suggests the hazard ratio changes over follow-up.")
@@ -393,7 +408,7 @@ def _comparison(page: _Page, results: dict[str, Any], prefix: str, anchor: str) 
     ))
     page.parts.append(_table(["HR", "95% CI low", "95% CI high", "SE log HR", "p", "Newton rounds"],
                              [[crude.get("hr"), crude.get("ci_low"), crude.get("ci_high"), crude.get("se_log_hr"),
-                               crude.get("p_value"), crude.get("newton_rounds")]]))
+                               _p(crude.get("p_value")), crude.get("newton_rounds")]]))
     _privacy(page, results, anchor)
     _provenance(page, results, anchor)
 
