@@ -134,14 +134,20 @@ def _primary(analyses: dict[str, Any]) -> str:
 
 
 def _headline(results: dict[str, Any], prefix: str) -> str:
-    """The primary analysis in one sentence."""
+    """The main estimate in one sentence: the primary analysis, or, when a site withheld it,
+    the first analysis with an estimate (saying why the primary has none)."""
     analyses = results["analyses"]
     name = _primary(analyses)
+    missing = ""
+    if "error" in analyses[name]:
+        missing = (f"<p class='headline'><b>The {escape(name)} analysis has no estimate:</b> "
+                   f"{escape(analyses[name]['error'])}</p>")
+        name = next((n for n, a in analyses.items() if n != "crude" and "error" not in a), "")
+        if not name:
+            return missing
     analysis = analyses[name]
-    if "error" in analysis:
-        return f"<p class='headline'><b>The {escape(name)} analysis has no estimate:</b> {escape(analysis['error'])}</p>"
     hr = _ci(analysis["hr"], analysis["ci_low"], analysis["ci_high"])
-    return (
+    return missing + (
         f"<p class='headline'><b>Hazard ratio, {escape(name)} analysis (exposed vs comparator): "
         f"<span data-key='{escape(_key(prefix, 'headline-hr'))}'>{hr}</span></b>; "
         f"{escape(analysis.get('weights', analysis.get('model', '')))}; "
@@ -359,22 +365,32 @@ def _provenance(page: _Page, results: dict[str, Any], anchor: str) -> None:
     page.parts.append(_table(["site", "cohort dataset version", "rebuilt", "OMOP Delta table versions"], rows))
 
 
+def _quorum(quorum: dict[str, Any] | None) -> str:
+    if not quorum:
+        return "-"
+    required = ", ".join(quorum.get("required_sites") or []) or "none"
+    return f"at least {quorum.get('min_sites')} site(s); required: {required}"
+
+
 def _comparison(page: _Page, results: dict[str, Any], prefix: str, anchor: str) -> None:
     """The sections of one comparison."""
     slug = prefix.replace("-", "_")
+    if "error" not in results:
+        page.parts.append(_headline(results, prefix))
     participation = results.get("participation")
     if participation is not None:
         dropped = participation.get("dropped") or []
+        page.heading("Participation", f"{anchor}participation")
         page.parts.append(_table(
-            ["sites used", "attempts", "dropped sites"],
-            [[", ".join(participation.get("sites", [])) or "-", participation.get("attempts"),
+            ["sites used", "attempts", "dropped sites", "quorum"],
+            [[_Keyed(_key(prefix, "participation-sites"), ", ".join(participation.get("sites", [])) or "-"),
+              participation.get("attempts"),
               "; ".join(f"{d['site_id']} ({d['round_name']}: {d['status']}, {d['reason']})" for d in dropped)
-              or "none"]],
+              or "none", _quorum(results.get("quorum"))]],
         ))
     if "error" in results:
         page.parts.append(f"<p><b>This comparison has no results:</b> {escape(results['error'])}</p>")
         return
-    page.parts.append(_headline(results, prefix))
     page.heading("Cohort per site", f"{anchor}cohort")
     page.parts.append(_table(
         ["site", "exposed", "comparator", "events exposed", "events comparator"],

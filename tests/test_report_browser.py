@@ -1,8 +1,9 @@
 """report.html in a real browser: Debian's Chromium, headless, with no network.
 
-The fixture (tests/fixtures/report/) is a real simulation's results.json and truth.json
-(``fedrwe simulate --sites 3 --patients 9000 --seed 11``), with each Kaplan-Meier table
-thinned to every 8th row and the last row to keep it small. `make setup` installs
+The fixture (tests/fixtures/report/) is a real simulation's results.json and truth.json,
+unchanged (``fedrwe simulate --sites 3 --patients 9000 --seed 11``, 186 kB). At that size
+two sites withheld the matched analysis (events below their minimum cell count), so the
+report must show that reason and the first adjusted analysis with an estimate. `make setup` installs
 /usr/bin/chromium (Makefile target ``chromium``); without it this test fails.
 """
 
@@ -25,7 +26,7 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
 ]
-SECTIONS = ("Summary", "Cohort per site", "Attrition", "Results", "Per-site estimates and meta-analysis",
+SECTIONS = ("Summary", "Participation", "Cohort per site", "Attrition", "Results", "Per-site estimates and meta-analysis",
             "Covariate balance: Table 1", "Propensity model", "Kaplan-Meier curves",
             "Proportional hazards check", "Crude Cox model", "Privacy", "Provenance",
             "Planted truth (simulation)", "Approvals", "Rounds", "Software")
@@ -68,7 +69,7 @@ def _shown(page: Page, results: dict[str, Any]) -> dict[str, Any]:
     figures = page.eval_on_selector_all(
         "figure svg", "els => els.map(e => { const r = e.getBoundingClientRect(); return [r.width, r.height]; })")
     return {"headings": page.locator("h2").all_inner_texts(), "keyed": keyed, "figures": figures,
-            "title": page.title()}
+            "title": page.title(), "text": page.locator("body").inner_text()}
 
 
 def test_every_section_is_present(rendered: dict[str, Any]) -> None:
@@ -81,20 +82,35 @@ def test_the_page_made_no_external_request(rendered: dict[str, Any]) -> None:
     assert all(url.startswith(("file://", "data:")) for url in rendered["requests"]), rendered["requests"]
 
 
+def _hr(analysis: dict[str, Any]) -> str:
+    return f"{analysis['hr']:.2f} ({analysis['ci_low']:.2f}-{analysis['ci_high']:.2f})"
+
+
 def test_key_numbers_equal_results_json(rendered: dict[str, Any]) -> None:
-    analyses = rendered["results"]["analyses"]
+    results = rendered["results"]
+    analyses = results["analyses"]
     keyed = rendered["keyed"]
-    for name, analysis in analyses.items():
-        assert keyed[f"hr-{name}"] == f"{analysis['hr']:.2f} ({analysis['ci_low']:.2f}-{analysis['ci_high']:.2f})"
+    estimated = [name for name, analysis in analyses.items() if "error" not in analysis]
+    assert len(estimated) >= 4  # crude and at least three adjusted analyses
+    for name in estimated:
+        assert keyed[f"hr-{name}"] == _hr(analyses[name]), name
         for field in ("n_exposed", "n_comparator", "events_exposed", "events_comparator"):
-            assert keyed[f"{field}-{name}"] == f"{analysis[field]:,}", (name, field)
-    matched = analyses["matched"]
-    assert keyed["headline-hr"] == f"{matched['hr']:.2f} ({matched['ci_low']:.2f}-{matched['ci_high']:.2f})"
-    assert matched["n_exposed"] == matched["n_comparator"]  # 1:1 matching
+            assert keyed[f"{field}-{name}"] == f"{analyses[name][field]:,}", (name, field)
+    first_adjusted = next(name for name in estimated if name != "crude")
+    assert keyed["headline-hr"] == _hr(analyses[first_adjusted])
+    assert keyed["participation-sites"] == ", ".join(results["participation"]["sites"])
+
+
+def test_a_withheld_analysis_shows_why(rendered: dict[str, Any]) -> None:
+    withheld = {name: a["error"] for name, a in rendered["results"]["analyses"].items() if "error" in a}
+    assert withheld == {"matched": withheld["matched"]}
+    assert "minimum cell count" in withheld["matched"]
+    assert "hr-matched" not in rendered["keyed"]
+    assert withheld["matched"] in rendered["text"]
 
 
 def test_figures_are_drawn_and_saved_next_to_the_report(rendered: dict[str, Any]) -> None:
-    analyses = rendered["results"]["analyses"]
+    analyses = [name for name, a in rendered["results"]["analyses"].items() if "km" in a]
     # forest plot, love plot, propensity score distribution, one Kaplan-Meier figure per analysis
     assert len(rendered["figures"]) == 3 + len(analyses)
     assert all(width > 300 and height > 150 for width, height in rendered["figures"])
