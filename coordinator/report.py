@@ -27,17 +27,17 @@ from coordinator.report_figures import (
 from coordinator.results import comparison_views
 
 _STYLE = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1000px;margin:1.5em auto;
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1140px;margin:1.5em auto;
  padding:0 1em;color:#222;line-height:1.4}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:2px;margin-top:1.6em}
 h3{font-size:1em}code{font-size:90%;word-break:break-all}
-table{border-collapse:collapse;margin:.6em 0;font-size:90%}td,th{border:1px solid #ccc;padding:3px 7px;
+table{border-collapse:collapse;margin:.6em 0;font-size:85%}td,th{border:1px solid #ccc;padding:2px 5px;
  text-align:right}th{background:#f3f3f3}td.n{white-space:nowrap}td:first-child,th:first-child{text-align:left}
 .note{color:#555;font-size:90%}.headline{font-size:1.1em;background:#f6f8fa;border-left:4px solid #2471a3;
  padding:.5em .8em}figure{margin:.8em 0;break-inside:avoid}figcaption{font-size:90%;color:#555}
 svg{max-width:100%;height:auto}nav{font-size:90%;columns:2}.wide{overflow-x:auto}
 @page{size:A4;margin:14mm}
-@media print{body{max-width:none;margin:0;font-size:10pt}nav{display:none}.wide{overflow:visible}
+@media print{body{max-width:none;margin:0;font-size:10pt}table{font-size:7.5pt}nav{display:none}.wide{overflow:visible}
  h2{break-after:avoid}table,figure{break-inside:avoid}a{color:inherit;text-decoration:none}}
 """
 
@@ -162,7 +162,7 @@ def _main_table(results: dict[str, Any], prefix: str) -> str:
     for name, a in results["analyses"].items():
         if "error" in a:
             rows.append([name, a.get("n_exposed"), a.get("n_comparator"), a.get("events_exposed"),
-                         a.get("events_comparator"), "-", "-", "-", "-", f"no estimate: {a['error']}", "-", "-"])
+                         a.get("events_comparator"), "-", "-", "-", "-", "none (see below)", "-", "-"])
             continue
         rows.append([
             name,
@@ -174,12 +174,14 @@ def _main_table(results: dict[str, Any], prefix: str) -> str:
             _Keyed(_key(prefix, f"hr-{name}"), _ci(a["hr"], a["ci_low"], a["ci_high"])),
             _p(a.get("logrank_p")), _p(a.get("ph_check", {}).get("p_value")),
         ])
+    notes = "".join(f"<p class='note'>{escape(name)}: no estimate: {escape(a['error'])}</p>"
+                    for name, a in results["analyses"].items() if "error" in a)
     return _table(
         ["analysis", "n exposed", "n comparator", "events exposed", "events comparator", "risk exposed",
          "risk comparator", "risk ratio (95% CI)", "risk difference (95% CI)", "HR (95% CI)", "log-rank p",
          "PH check p"],
         rows,
-    )
+    ) + notes
 
 
 def _attrition(page: _Page, sites: list[dict[str, Any]], anchor: str) -> None:
@@ -258,8 +260,9 @@ def _at_risk(table: dict[str, list[Any]], day: float) -> Any:
 def _kaplan_meier(page: _Page, analyses: dict[str, Any], anchor: str, slug: str) -> None:
     page.heading("Kaplan-Meier curves", f"{anchor}km")
     page.note("Cumulative incidence of the outcome (1 - Kaplan-Meier survival) per arm with pointwise 95% "
-              "CI bands (weighted for weighting analyses). Numbers at risk: at the first event time on or "
-              "after the day shown (weighted numbers for weighting analyses).")
+              "CI bands (weighted for weighting analyses). Numbers at risk: the arm's (weighted) size at day 0, "
+              "then the number at risk at the first event time on or after the day shown ('-': no event "
+              "after that day); weighted numbers for weighting analyses.")
     for name, analysis in analyses.items():
         km = analysis.get("km")
         if not km:
@@ -268,10 +271,11 @@ def _kaplan_meier(page: _Page, analyses: dict[str, Any], anchor: str, slug: str)
         page.parts.append(f"<h3>{escape(name)}</h3>")
         page.figure(f"{slug}km_{name}", km_figure(km, horizon, f"Kaplan-Meier, {name}"),
                     f"Kaplan-Meier cumulative incidence, {name} analysis.")
-        days = [horizon * i / 4 for i in range(5)]
+        days = [float(d) for d in range(90, int(horizon) + 1, 90)] if horizon >= 180 else [horizon / 2]
         page.parts.append(_table(
-            ["at risk", *[f"day {d:.0f}" for d in days]],
-            [[arm, *[_count(_at_risk(table, d)) for d in days]] for arm, table in km.items()],
+            ["at risk", "day 0", *[f"day {d:.0f}" for d in days]],
+            [[arm, _count(analysis.get(f"weighted_n_{arm}", analysis.get(f"n_{arm}"))),
+              *[_count(_at_risk(table, d)) for d in days]] for arm, table in km.items()],
         ))
 
 
