@@ -133,6 +133,20 @@ def _primary(analyses: dict[str, Any]) -> str:
     return next((n for n in analyses if n != "crude"), "crude")
 
 
+def _disclosure_notes(sites: list[dict[str, Any]]) -> list[str]:
+    """One note per site whose policy suppressed or noised counts ('-' cells are suppressed)."""
+    notes = []
+    for site in sites:
+        label = site.get("disclosure") or {}
+        if label.get("suppressed"):
+            notes.append(f"site {site['site_id']} suppressed (below its minimum cell count): "
+                         f"{', '.join(label['suppressed'])}")
+        if label.get("noise"):
+            notes.append(f"site {site['site_id']} added Laplace noise (epsilon {label['noise']['epsilon']:g}) "
+                         f"to: {', '.join(label['noise']['counts'])}; estimates are approximate")
+    return [f"<p class='note'>{escape(note)}</p>" for note in notes]
+
+
 def _headline(results: dict[str, Any], prefix: str) -> str:
     """The main estimate in one sentence: the primary analysis, or, when a site withheld it,
     the first analysis with an estimate (saying why the primary has none)."""
@@ -401,6 +415,7 @@ def _comparison(page: _Page, results: dict[str, Any], prefix: str, anchor: str) 
         [[s["site_id"], s["n_exposed"], s["n_comparator"], s["events_exposed"], s["events_comparator"]]
          for s in results["sites"]],
     ))
+    page.parts += _disclosure_notes(results["sites"])
     _attrition(page, results["sites"], anchor)
     analyses = results["analyses"]
     page.heading("Results", f"{anchor}results")

@@ -70,3 +70,26 @@ def test_write_report_saves_each_inline_figure_as_svg(tmp_path: Path) -> None:
         assert "xmlns='http://www.w3.org/2000/svg'" in svg
         assert svg.split("<svg ", 1)[1].split(">", 1)[1].strip() in html  # the same drawing, inline
     assert ">matched: pooled (federated)</text>" in html
+
+
+def test_several_comparisons_with_participation_and_a_failed_one() -> None:
+    body = {k: v for k, v in results().items() if k not in ("title", "study_id", "protocol_sha256",
+                                                            "generated_at", "software")}
+    dropped = {"site_id": "site_02", "comparison": "b", "round_name": "b/1-summary", "status": "error",
+               "reason": "disk full"}
+    study = {
+        **{k: results()[k] for k in ("title", "study_id", "protocol_sha256", "generated_at", "software")},
+        "comparisons": [
+            {"comparison_id": "a", "title": "A", **body,
+             "participation": {"sites": ["site_01"], "attempts": 1, "dropped": []}},
+            {"comparison_id": "b", "title": "B", "error": "InsufficientSites: no quorum",
+             "participation": {"dropped": [dropped]}},
+        ],
+    }
+    html = render_report(study, truth={"hr_conditional": 1.98})
+    assert "<span data-key='a-hr-matched'>1.81 (1.44-2.28)</span>" in html
+    assert "<span data-key='a-participation-sites'>site_01</span>" in html
+    assert "site_02 (b/1-summary: error, disk full)" in html
+    assert "This comparison has no results:</b> InsufficientSites: no quorum" in html
+    assert html.count("<h2 id='a-results'>Results</h2>") == 1
+    assert "<h2 id='b-results'>" not in html
