@@ -37,7 +37,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:85%}td,th{border:1px soli
  padding:.5em .8em}figure{margin:.8em 0;break-inside:avoid}figcaption{font-size:90%;color:#555}
 svg{max-width:100%;height:auto}nav{font-size:90%;columns:2}.wide{overflow-x:auto}
 @page{size:A4;margin:14mm}
-@media print{body{max-width:none;margin:0;font-size:10pt}table{font-size:7.5pt}nav{display:none}.wide{overflow:visible}
+@media print{body{max-width:none;margin:0;font-size:10pt}table{font-size:7pt}td,th{padding:1px 3px}td.n{white-space:normal}nav{display:none}.wide{overflow:visible}
  h2{break-after:avoid}table,figure{break-inside:avoid}a{color:inherit;text-decoration:none}}
 """
 
