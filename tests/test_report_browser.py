@@ -129,3 +129,17 @@ def test_screenshot_is_a_png(rendered: dict[str, Any]) -> None:
 def test_it_prints_on_a4(rendered: dict[str, Any]) -> None:
     assert rendered["pdf"][:5] == b"%PDF-"
     assert b"/MediaBox [0 0 595" in rendered["pdf"]  # A4 is 595 x 842 points
+
+
+def test_the_request_recorder_sees_an_external_request(tmp_path: Path) -> None:
+    """The check above can fail: a page that asks for a remote image is caught (and gets nothing)."""
+    page_path = tmp_path / "external.html"
+    page_path.write_text("<!doctype html><img src='http://fonts.example.invalid/x.png'>", encoding="utf-8")
+    requests: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        page = browser.new_context(offline=True).new_page()
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(page_path.as_uri(), wait_until="load")
+        browser.close()
+    assert "http://fonts.example.invalid/x.png" in requests
