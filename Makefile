@@ -11,7 +11,7 @@ DEMO_PATIENTS ?= 30000
 DEMO_SEED     ?= 7
 DEMO_OUT      ?= out/demo
 
-.PHONY: demo test test-slow lint setup java clean
+.PHONY: demo test test-slow lint setup java chromium clean
 
 demo: setup
 	$(BIN)/fedrwe simulate --sites $(DEMO_SITES) --patients $(DEMO_PATIENTS) --seed $(DEMO_SEED) --out $(DEMO_OUT)
@@ -26,7 +26,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-setup: java $(STAMP)
+setup: java chromium $(STAMP)
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fedrwe needs Python >= 3.11; this is " + sys.version.split()[0] + ". Fix: install python3.11 and run: make PYTHON=python3.11 ...")'
@@ -45,6 +45,18 @@ java:
 	else \
 	  echo "fedrwe needs Java for Spark and 'java' is not on PATH. Fix: run"; \
 	  echo "  sudo apt-get install -y openjdk-17-jre-headless"; \
+	  echo "then run make again."; exit 1; \
+	fi
+
+# The report's browser test (tests/test_report_browser.py) renders report.html in Debian's Chromium.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "chromium is missing: installing Debian's chromium"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else \
+	  echo "fedrwe's report test needs /usr/bin/chromium. Fix: run"; \
+	  echo "  sudo apt-get install -y chromium"; \
 	  echo "then run make again."; exit 1; \
 	fi
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
-from coordinator.report import render_report
+from coordinator.report import render_report, write_report
 
 
 def results() -> dict[str, Any]:
@@ -47,11 +49,47 @@ def test_report_has_every_section_and_escapes_text() -> None:
     html = render_report(results(), truth={"hr_conditional": 1.98, "marginal_effect_in_treated": {"risk_ratio": 1.78}})
     for section in ("Cohort per site", "Attrition", "Results", "Crude Cox model", "Covariate balance",
                     "Per-site estimates and meta-analysis", "Propensity model", "Planted truth", "Rounds", "Software"):
-        assert f"<h2>{section}" in html
-    assert "matched analysis (exposed vs comparator): 1.81 (1.44-2.28)" in html  # the primary analysis
+        assert re.search(f"<h2 id='[^']*'>{section}", html), section
+    assert "matched analysis (exposed vs comparator): <span data-key='headline-hr'>1.81 (1.44-2.28)</span>" in html
     assert "3.25 (2.81-3.77)" in html  # crude, in the results table
     assert "1.75 (1.40-2.10)" in html  # risk ratio
     assert "no estimate: no events &lt;here&gt;" in html
     assert "Ketamine &lt;and&gt; CUD" in html
     assert "http" not in html
     assert "src=" not in html
+
+
+def test_write_report_saves_each_inline_figure_as_svg(tmp_path: Path) -> None:
+    write_report(tmp_path / "report.html", results(), truth={"hr_conditional": 1.98})
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    saved = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert saved == ["forest.svg", "love_plot.svg"]  # no KM tables or PS histogram in these results
+    for name in saved:
+        svg = (tmp_path / "figures" / name).read_text(encoding="utf-8")
+        assert svg.startswith("<?xml")
+        assert "xmlns='http://www.w3.org/2000/svg'" in svg
+        assert svg.split("<svg ", 1)[1].split(">", 1)[1].strip() in html  # the same drawing, inline
+    assert ">matched: pooled (federated)</text>" in html
+
+
+def test_several_comparisons_with_participation_and_a_failed_one() -> None:
+    body = {k: v for k, v in results().items() if k not in ("title", "study_id", "protocol_sha256",
+                                                            "generated_at", "software")}
+    dropped = {"site_id": "site_02", "comparison": "b", "round_name": "b/1-summary", "status": "error",
+               "reason": "disk full"}
+    study = {
+        **{k: results()[k] for k in ("title", "study_id", "protocol_sha256", "generated_at", "software")},
+        "comparisons": [
+            {"comparison_id": "a", "title": "A", **body,
+             "participation": {"sites": ["site_01"], "attempts": 1, "dropped": []}},
+            {"comparison_id": "b", "title": "B", "error": "InsufficientSites: no quorum",
+             "participation": {"dropped": [dropped]}},
+        ],
+    }
+    html = render_report(study, truth={"hr_conditional": 1.98})
+    assert "<span data-key='a-hr-matched'>1.81 (1.44-2.28)</span>" in html
+    assert "<span data-key='a-participation-sites'>site_01</span>" in html
+    assert "site_02 (b/1-summary: error, disk full)" in html
+    assert "This comparison has no results:</b> InsufficientSites: no quorum" in html
+    assert html.count("<h2 id='a-results'>Results</h2>") == 1
+    assert "<h2 id='b-results'>" not in html

@@ -87,7 +87,7 @@ def test_outputs_are_written(simulation: dict[str, Any]) -> None:
     out = simulation["out"]
     report = (out / "report.html").read_text()
     assert "matched analysis" in report  # the primary analysis leads the report
-    assert "<h2>Results" in report
+    assert ">Results</h2>" in report
     assert "Crude Cox model" in report
     assert "Planted truth" in report
     assert json.loads((out / "truth.json").read_text())["hr_conditional"] == pytest.approx(1.98)
