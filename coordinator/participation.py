@@ -14,7 +14,7 @@ refusal. What happens next depends on how far the comparison got:
 Either way the protocol's ``quorum`` must still hold, or the comparison fails with the
 dropped sites and their reasons. A site that could not be reached stays out for the rest
 of the run (waiting for it again would cost each later round its timeout: flows/rounds.py
-skips its node); a site that answered with an error or refusal is asked again in the next
+leaves its node out); a site that answered with an error or refusal is asked again in the next
 comparison, whose question differs.
 """
 

@@ -187,17 +187,17 @@ def sort_replies(
 def exchange_round(
     transport: FlowerTransport, request: RoundRequest, timeout_s: float,
     envelopes: CoordinatorEnvelopes | None = None, sealed: bytes | None = None,
-    skip_nodes: frozenset[int] = frozenset(), known_nodes: dict[int, str] | None = None,
+    left_out_nodes: frozenset[int] = frozenset(), known_nodes: dict[int, str] | None = None,
 ) -> RoundOutcome:
     """Send ``request`` (as ``sealed``, its signed envelope, when given) to every connected
-    node but ``skip_nodes``; verify the replies with ``envelopes`` when given.
+    node but ``left_out_nodes``; verify the replies with ``envelopes`` when given.
 
     Raises:
         TransportError: a site could not be reached and a retry is left (Prefect retries).
     """
     started = time.perf_counter()
     payload = sealed if sealed is not None else request.to_bytes()
-    nodes = [node for node in transport.node_ids() if node not in skip_nodes]
+    nodes = [node for node in transport.node_ids() if node not in left_out_nodes]
     try:
         raw, silent = transport.exchange(request.round_name, dict.fromkeys(nodes, payload), timeout_s), []
     except NoReply as partial:
@@ -243,7 +243,7 @@ class RoundRunner:
         self.approvals: dict[str, Any] = {}
         self.known_nodes: dict[int, str] = {}
         self.verified: dict[str, str] = {}
-        self.lost_nodes: set[int] = set()  # nodes that could not be reached: skipped from then on
+        self.lost_nodes: set[int] = set()  # nodes that could not be reached: left out from then on
 
     def exchange(self, request: RoundRequest) -> RoundOutcome:
         """The outcome of ``request``: from the journal while it lasts, else from the sites."""

@@ -146,6 +146,7 @@ def test_a_killed_coordinator_resumes_to_the_uninterrupted_results(network: Netw
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_site_that_stops_answering_and_comes_back_is_retried_into_the_same_results(network: Network, tmp_path: Path) -> None:
     """SIGSTOP site_02's service (and its Spark JVM) for longer than a round's timeout, then
     SIGCONT: Prefect's retry of the round resends the same signed request, the site answers

@@ -114,7 +114,7 @@ def test_a_rerun_gives_byte_identical_results_but_for_ids_and_clocks(
 # ---------------------------------------------------------------- coordinator crash and resume
 
 
-@pytest.mark.parametrize("crash_point", ["first", "third", "last"])
+@pytest.mark.parametrize("crash_point", ["first", pytest.param("third", marks=pytest.mark.slow), "last"])
 def test_resume_after_a_crash_equals_the_uninterrupted_run(
     network: dict[str, Any], clean: dict[str, Any], prefect_api_url: str, tmp_path: Path, crash_point: str,
 ) -> None:
@@ -239,7 +239,7 @@ def test_sort_replies_names_every_kind_of_unreachable_site() -> None:
         "site_04": "its SuperNode is not connected to the SuperLink",
     }
     assert outcome.failed()["site_04"] == ("unavailable", "its SuperNode is not connected to the SuperLink")
-    assert outcome.lost_nodes == [7, 8]  # skipped by the rest of the run
+    assert outcome.lost_nodes == [7, 8]  # left out of the rest of the run
     # once the participants are known, a silent node that is none of theirs is no loss
     later = sort_replies(_request(["site_01"]), {"site_01": ok}, {"site_01": 5}, [8], {8: "site_03"}, 30.0)
     assert later.unreachable == {}
