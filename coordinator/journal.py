@@ -44,6 +44,32 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
     partial.replace(path)
 
 
+def unfinished_run(out_dir: Path, study_id: str) -> dict[str, Any]:
+    """The journal header (run.json) of the unfinished run of ``study_id`` in ``out_dir``.
+
+    Raises:
+        SettingsError: no run there, another study's run, or a complete one.
+    """
+    head = out_dir / JOURNAL_DIR / "run.json"
+    if not head.exists():
+        raise SettingsError(
+            f"no study run to resume in {out_dir} (no {JOURNAL_DIR}/run.json). Fix: pass the --out "
+            f"folder of the interrupted run, or start the study with `fedrwe study run`."
+        )
+    header = dict(json.loads(head.read_text(encoding="utf-8")))
+    if header.get("study_id") != study_id:
+        raise SettingsError(
+            f"{out_dir} holds a run of study {header.get('study_id')!r}, not {study_id!r}. Fix: pass "
+            f"{header.get('study_id')!r}, or the --out folder of study {study_id!r}."
+        )
+    if header.get("status") == "complete":
+        raise SettingsError(
+            f"the run {header.get('run_id')} in {out_dir} is complete (its results.json is written); "
+            f"there is nothing to resume. Fix: read {out_dir / 'results.json'}, or start a new run."
+        )
+    return header
+
+
 class RoundJournal:
     """Append completed rounds; hand them back, in order, when a run resumes."""
 
@@ -105,28 +131,12 @@ class RoundJournal:
             SettingsError: no journal, another study or protocol, or an already complete run.
         """
         folder = out_dir / JOURNAL_DIR
-        head = folder / "run.json"
-        if not head.exists():
-            raise SettingsError(
-                f"no study run to resume in {out_dir} (no {JOURNAL_DIR}/run.json). Fix: pass the --out "
-                f"folder of the interrupted run, or start the study with `fedrwe study run`."
-            )
-        header = json.loads(head.read_text(encoding="utf-8"))
-        if header.get("study_id") != study_id:
-            raise SettingsError(
-                f"{out_dir} holds a run of study {header.get('study_id')!r}, not {study_id!r}. Fix: pass "
-                f"that study's id, or the --out folder of study {study_id!r}."
-            )
+        header = unfinished_run(out_dir, study_id)
         if header.get("protocol_sha256") != protocol_sha256:
             raise SettingsError(
                 f"the journal in {folder} was written for protocol {header.get('protocol_sha256')}, and the "
                 f"protocol given hashes to {protocol_sha256}; a resumed run must ask the same questions. Fix: "
                 f"resume with the original protocol, or start a new run in another --out folder."
-            )
-        if header.get("status") == "complete":
-            raise SettingsError(
-                f"the run {header.get('run_id')} in {out_dir} is complete (its results.json is written); "
-                f"there is nothing to resume. Fix: read {out_dir / 'results.json'}, or start a new run."
             )
         paths = sorted(folder.glob("[0-9]*.json"))
         entries = [json.loads(p.read_text(encoding="utf-8")) for p in paths]

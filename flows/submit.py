@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from coordinator.journal import JOURNAL_DIR
+from coordinator.journal import JOURNAL_DIR, unfinished_run
 from flows.flower_runs import FlowerRun, RunConfig, submit_run, write_cli_config
 from shared.errors import FedRWEError, SettingsError, TransportError
 from shared.protocol.model import load_protocol
@@ -118,24 +118,12 @@ def resume_run_config(study_id: str, out: Path) -> dict[str, Any]:
     Raises:
         SettingsError: ``out`` holds no run, another study's run, or a finished one.
     """
-    head = out / JOURNAL_DIR / "run.json"
+    unfinished_run(out, study_id)
     stored = out / JOURNAL_DIR / "run_config.json"
-    if not head.exists() or not stored.exists():
-        missing = head if not head.exists() else stored
+    if not stored.exists():
         raise SettingsError(
-            f"no interrupted study run in {out} ({missing} is missing). Fix: pass the --out folder the "
-            f"study was started with (`fedrwe study run ... --out DIR`)."
-        )
-    journal = json.loads(head.read_text(encoding="utf-8"))
-    if journal.get("study_id") != study_id:
-        raise SettingsError(
-            f"{out} holds a run of study {journal.get('study_id')!r}, not {study_id!r}. Fix: pass "
-            f"{journal.get('study_id')!r}, or the --out folder of study {study_id!r}."
-        )
-    if journal.get("status") == "complete":
-        raise SettingsError(
-            f"the run of study {study_id!r} in {out} is complete; there is nothing to resume. Fix: read "
-            f"{out / 'results.json'}, or start a new run with `fedrwe study run`."
+            f"the run in {out} was started without its run config in the journal ({stored} is missing), "
+            f"so it cannot be resubmitted. Fix: start the study again with `fedrwe study run`."
         )
     config = json.loads(stored.read_text(encoding="utf-8"))
     return {**config, "resume": "true"}
