@@ -266,6 +266,13 @@ def keys_trust(
     Console().print(f"{keyring}: " + ", ".join(f"{e.owner} {e.key_id}" for e in target.entries()))
 
 
+# the SuperLink connection options of `study run` and `study resume`
+RootCertificates = Annotated[
+    Path | None, typer.Option(help="The federation's CA certificate (ca.pem): the SuperLink's TLS is checked against it.")
+]
+Insecure = Annotated[bool, typer.Option(help="Plain HTTP, for a SuperLink started with --insecure (debugging only).")]
+
+
 @study_app.command("run")
 def study_run(
     protocol: Annotated[Path, typer.Argument(help="Study protocol YAML.")],
@@ -275,12 +282,8 @@ def study_run(
     prefect_api_url: Annotated[
         str | None, typer.Option(envvar="PREFECT_API_URL", help="Prefect server the study reports to.")
     ] = None,
-    root_certificates: Annotated[
-        Path | None, typer.Option(help="The federation's CA certificate (ca.pem): the SuperLink's TLS is checked against it.")
-    ] = None,
-    insecure: Annotated[
-        bool, typer.Option(help="Plain HTTP, for a SuperLink started with --insecure (debugging only).")
-    ] = False,
+    root_certificates: RootCertificates = None,
+    insecure: Insecure = False,
     signing_key: Annotated[
         Path | None, typer.Option(help="The coordinator's private key (PEM); requests are signed with it.")
     ] = None,
@@ -335,12 +338,8 @@ def study_resume(
     prefect_api_url: Annotated[
         str | None, typer.Option(envvar="PREFECT_API_URL", help="Prefect server (default: the one the run used).")
     ] = None,
-    root_certificates: Annotated[
-        Path | None, typer.Option(help="The federation's CA certificate (ca.pem): the SuperLink's TLS is checked against it.")
-    ] = None,
-    insecure: Annotated[
-        bool, typer.Option(help="Plain HTTP, for a SuperLink started with --insecure (debugging only).")
-    ] = False,
+    root_certificates: RootCertificates = None,
+    insecure: Insecure = False,
 ) -> None:
     """Continue an interrupted study run from its last completed round (its journal in --out)."""
     from flows.progress import JournalProgress

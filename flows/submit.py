@@ -86,14 +86,19 @@ def run_study_on_superlink(
             "(`prefect server start --host 127.0.0.1`) and pass --prefect-api-url "
             "http://127.0.0.1:4200/api (or set PREFECT_API_URL)."
         )
+    config = study_run_config(
+        protocol, out, **{"prefect-api-url": prefect_api_url, "min-nodes": min_sites, **(keys or {})}
+    )
+    return submit_and_read(config, superlink, out, transport_root_certificates(root_certificates, insecure))
+
+
+def submit_and_read(config: dict[str, Any], superlink: str, out: Path, ca: Path | None) -> dict[str, Any]:
+    """Submit ``config`` to the SuperLink (TLS checked against ``ca``), follow the run, and
+    return the results.json it wrote in ``out`` (the study's own reason if it failed)."""
     out.mkdir(parents=True, exist_ok=True)
     run_dir = out / "run"
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     flwr_home = run_dir / "flwr_home"
-    config = study_run_config(
-        protocol, out, **{"prefect-api-url": prefect_api_url, "min-nodes": min_sites, **(keys or {})}
-    )
-    ca = transport_root_certificates(root_certificates, insecure)
     write_cli_config(flwr_home, superlink, root_certificates=ca)
 
     def submit(run_config: RunConfig) -> FlowerRun:
@@ -142,12 +147,4 @@ def resume_study_on_superlink(
     config = resume_run_config(study_id, out.resolve())
     if prefect_api_url:
         config["prefect-api-url"] = prefect_api_url
-    run_dir = out / "run"
-    flwr_home = run_dir / "flwr_home"
-    write_cli_config(flwr_home, superlink, root_certificates=transport_root_certificates(root_certificates, insecure))
-
-    def submit(run_config: RunConfig) -> FlowerRun:
-        return submit_run(run_config, flwr_home=flwr_home, run_dir=run_dir)
-
-    run_and_explain(submit, config, out, run_dir / "logs")
-    return dict(json.loads((out.resolve() / "results.json").read_text(encoding="utf-8")))
+    return submit_and_read(config, superlink, out, transport_root_certificates(root_certificates, insecure))
