@@ -1,17 +1,19 @@
 # fedrwe: two commands on a fresh machine.
 #   make demo   set up, then run the 3-site simulated study (results + report in out/demo)
 #   make test   set up, then run the test suite (unit, federated-equals-pooled, integration)
+#   make bench  quick benchmarks (minutes); make bench-full the full ones (docs/benchmarks.md)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedrwe-installed
+BENCH_STAMP := $(VENV)/.fedrwe-bench-installed
 
 DEMO_SITES    ?= 3
 DEMO_PATIENTS ?= 30000
 DEMO_SEED     ?= 7
 DEMO_OUT      ?= out/demo
 
-.PHONY: demo test test-slow lint setup java chromium clean
+.PHONY: demo test test-slow lint setup setup-bench bench bench-full java chromium clean
 
 demo: setup
 	$(BIN)/fedrwe simulate --sites $(DEMO_SITES) --patients $(DEMO_PATIENTS) --seed $(DEMO_SEED) --out $(DEMO_OUT)
@@ -21,6 +23,14 @@ test: setup
 
 test-slow: setup
 	$(BIN)/pytest -m slow -q
+
+# Benchmarks never run in make test: bench/run_all.py prints tables, writes bench/results/*.json
+# and refreshes the tables of docs/benchmarks.md.
+bench: setup-bench
+	$(BIN)/python bench/run_all.py --quick
+
+bench-full: setup-bench
+	$(BIN)/python bench/run_all.py
 
 lint: setup
 	$(BIN)/ruff check .
@@ -35,6 +45,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip check
 	@touch $(STAMP)
+
+setup-bench: setup $(BENCH_STAMP)
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install -q -e ".[test,bench]"
+	@touch $(BENCH_STAMP)
 
 # Spark needs a Java runtime (17 is tested).
 java:
