@@ -167,12 +167,13 @@ def stopwatch(into: dict[str, float], key: str) -> Iterator[None]:
 
 
 class PeakRSS:
-    """Samples the resident memory of a process tree (default: this process) every 0.5 s;
-    keeps the peak of the whole tree and of each process by name."""
+    """Samples the resident memory of a process (default: this one), with its children unless
+    ``children=False``, every 0.5 s; keeps the peak of the whole and of each process by name."""
 
-    def __init__(self, pid: int | None = None, interval_s: float = 0.5) -> None:
+    def __init__(self, pid: int | None = None, interval_s: float = 0.5, children: bool = True) -> None:
         self._root = psutil.Process(pid or os.getpid())
         self._interval = interval_s
+        self._children = children
         self.total = 0
         self.per_name: dict[str, int] = {}
         self._stop = threading.Event()
@@ -190,7 +191,7 @@ class PeakRSS:
         """One sample (also called by the thread)."""
         total = 0
         try:
-            processes = [self._root, *self._root.children(recursive=True)]
+            processes = [self._root, *(self._root.children(recursive=True) if self._children else [])]
         except psutil.Error:
             return
         for proc in processes:

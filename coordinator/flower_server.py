@@ -94,7 +94,8 @@ class FlowerTransport:
 
     Attributes:
         exchanges: one dict per completed ``exchange``: ``round``, ``nodes``,
-            ``seconds``, ``bytes_sent``, ``bytes_received``, ``stale_discarded``.
+            ``seconds``, ``bytes_sent``, ``bytes_received``, ``bytes_by_node`` (node id ->
+            [sent, received]), ``stale_discarded``.
 
     ``__slots__`` is deliberate: Prefect stores flow parameters it can JSON-encode, and
     without slots it would encode ``vars()`` down to the Grid's executor token. With
@@ -193,6 +194,9 @@ class FlowerTransport:
                 "seconds": self._clock() - start,
                 "bytes_sent": sum(len(p) for p in payloads.values()),
                 "bytes_received": sum(len(r) for r in replies.values()),
+                "bytes_by_node": {
+                    node: [len(payloads[node]), len(replies[node]) if node in replies else 0] for node in sorted(payloads)
+                },
                 "stale_discarded": stale,
                 "missing": missing,
             }

@@ -84,7 +84,7 @@ def study_results(
 VOLATILE_TOP_LEVEL = ("run_id", "generated_at", "orchestration")
 # bytes: a signed envelope carries its signing time (epoch seconds to the millisecond,
 # written as the shortest decimal), so a message's size can differ by a few bytes
-VOLATILE_ROUND_FIELDS = ("seconds", "bytes_sent", "bytes_received")
+VOLATILE_ROUND_FIELDS = ("seconds", "bytes_sent", "bytes_received", "bytes_by_site")
 VOLATILE_PROVENANCE_FIELDS = ("cohort_seconds",)
 
 

@@ -219,6 +219,10 @@ def exchange_round(
         "seconds": round(time.perf_counter() - started, 4),
         "bytes_sent": sent.get("bytes_sent", 0),
         "bytes_received": sent.get("bytes_received", 0),
+        "bytes_by_site": {
+            site: dict(zip(("sent", "received"), sent["bytes_by_node"][node], strict=True))
+            for site, node in sorted(by_site.items()) if node in sent.get("bytes_by_node", {})
+        },
         "sites": sorted(outcome.replies),
     }
     return outcome

@@ -43,6 +43,9 @@ class SimulationSettings(BaseModel):
     out: Path = Field(description="Output folder.")
     sites: int = Field(default=3, ge=1, le=50, description="Number of simulated sites.")
     patients: int = Field(default=30_000, ge=100, description="CUD patients over the network.")
+    background_ratio: float = Field(
+        default=0.25, ge=0, description="Persons without CUD per CUD patient (the background EHR population)."
+    )
     seed: int = Field(default=7, description="Seed of the synthetic data.")
     protocol: Path = Field(default=Path("studies/ketamine_cud.yaml"), description="Study protocol.")
     prefect_api_url: str | None = Field(default=None, description="Existing Prefect server, if any.")
@@ -188,20 +191,32 @@ def write_pooled_dataset(protocol: StudyProtocol, site_workdirs: list[Path], pat
     return int(pooled.num_rows)
 
 
-def run_simulation(settings: SimulationSettings, console: Console) -> dict[str, Any]:
-    """Run the whole simulated study; every process started is stopped before returning."""
+def run_simulation(settings: SimulationSettings, console: Console, *, generate: bool = True) -> dict[str, Any]:
+    """Run the whole simulated study; every process started is stopped before returning.
+
+    ``generate=False`` uses the network already in ``OUT/data`` (``truth.json`` and
+    ``sites/<site_id>/lake``), as bench/paper_scale.py leaves it after a real OMOP ingest.
+    """
     out = settings.out.resolve()
     protocol = load_protocol(settings.protocol)  # a bad protocol fails before any work
+    data_dir = out / "data"
+    if not generate and not (data_dir / "truth.json").is_file():
+        raise DataError(f"no generated network in {data_dir} (truth.json is missing). Fix: run with generate=True.")
     claim_output_folder(out)
     shutil.rmtree(out / "journal", ignore_errors=True)  # this folder's earlier run: simulate starts afresh
     timings: dict[str, Any] = {}
     started = time.perf_counter()
 
-    console.print(f"[bold]1/4[/] generating {settings.patients:,} CUD patients over {settings.sites} sites")
-    data_dir = out / "data"
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
-    generate_network(data_dir, n_sites=settings.sites, n_patients=settings.patients, seed=settings.seed)
+    if generate:
+        console.print(f"[bold]1/4[/] generating {settings.patients:,} CUD patients over {settings.sites} sites")
+        if data_dir.exists():
+            shutil.rmtree(data_dir)
+        generate_network(
+            data_dir, n_sites=settings.sites, n_patients=settings.patients, seed=settings.seed,
+            background_ratio=settings.background_ratio,
+        )
+    else:
+        console.print(f"[bold]1/4[/] using the network in {data_dir}")
     shutil.copyfile(data_dir / "truth.json", out / "truth.json")
     timings["generate_data_s"] = round(time.perf_counter() - started, 2)
 
