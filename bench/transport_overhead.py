@@ -10,8 +10,8 @@ Payloads: the bare request, then requests the size of a study round (the echo se
 sends the same size back). The network runs with TLS + SuperNode authentication (as
 studies do); a second one with ``insecure=True`` repeats the bare exchanges.
 
-    .venv/bin/python bench/transport_overhead.py --quick    # 20 bare exchanges per mode
-    .venv/bin/python bench/transport_overhead.py            # 50
+    .venv/bin/python bench/transport_overhead.py --quick    # 10 bare exchanges per mode, ~5 min
+    .venv/bin/python bench/transport_overhead.py            # 50, ~20 min on a quiet machine
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ RESULT_FILE = "exchange_bench.json"
 SITES = 3
 ROUND_SIZES = (10_000, 300_000)  # about a Newton round's request; the adjusted round's replies
 PARAMS = {
-    "quick": {"exchanges": 20, "exchanges_sized": 5, "exchanges_insecure": 10, "block": 5},
+    "quick": {"exchanges": 10, "exchanges_sized": 3, "exchanges_insecure": 5, "block": 5},
     "full": {"exchanges": 50, "exchanges_sized": 10, "exchanges_insecure": 25, "block": 5},
 }
 
