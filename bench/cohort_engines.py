@@ -142,26 +142,36 @@ def spark_worker(lake: Path, out: Path, driver_memory: str) -> dict[str, Any]:
 
     protocol = _protocol()
     settings = SparkSettings(master=MASTER, driver_memory=driver_memory, shuffle_partitions=SHUFFLE_PARTITIONS)
+    python = psutil.Process()
     seconds: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    python_before = _cpu(python)
     with stopwatch(seconds, "start"):
         spark = start_spark(settings, "fedrwe-bench-engines")
     jvm = _jvm_process()
-    cpu_before = _cpu(jvm)
+    cpu["start"] = _cpu(jvm) + _cpu(python) - python_before
+    before = _cpu(jvm) + _cpu(python)
     cold_phases: dict[str, float] = {}
     with stopwatch(seconds, "cold"):
         rows, attrition = spark_extract(spark, lake, protocol, cold_phases)
-    cold_cpu = _cpu(jvm) - cpu_before
+    cpu["cold"] = _cpu(jvm) + _cpu(python) - before
     cold_jobs = _jobs(spark)
-    in_jobs = _time_in_jobs(spark)
+    try:  # Spark's status store is an internal API
+        in_jobs = _time_in_jobs(spark)
+    except Exception as error:
+        in_jobs = {"error": str(error)[:200]}
     warm_phases: dict[str, float] = {}
+    before = _cpu(jvm) + _cpu(python)
     with stopwatch(seconds, "warm"):
         warm_rows, warm_attrition = spark_extract(spark, lake, protocol, warm_phases)
+    cpu["warm"] = _cpu(jvm) + _cpu(python) - before
     if not warm_rows.equals(rows) or warm_attrition != attrition:
         raise EnginesDisagree("Spark's warm extraction differs from its cold one")
     pq.write_table(rows, out)
     record = {
         "engine": "spark", "start_s": seconds["start"], "cold_s": seconds["cold"], "warm_s": seconds["warm"],
-        "cold_phases_s": cold_phases, "warm_phases_s": warm_phases, "cold_jvm_cpu_s": round(cold_cpu, 3),
+        "cpu_s": {k: round(v, 3) for k, v in cpu.items()},
+        "cold_phases_s": cold_phases, "warm_phases_s": warm_phases,
         "cold_jobs": {k: v for k, v in _job_summary(cold_jobs).items() if k != "by_call_site"},
         "cold_time_in_jobs": in_jobs, "attrition": attrition, "rows": rows.num_rows,
         "driver_memory": driver_memory, "rss_end_mib": mib(psutil.Process().memory_info().rss + jvm.memory_info().rss),
@@ -173,20 +183,29 @@ def spark_worker(lake: Path, out: Path, driver_memory: str) -> dict[str, Any]:
 
 def duckdb_worker(lake: Path, out: Path) -> dict[str, Any]:
     """DuckDB cold (new connection) and warm (same connection) extraction in this fresh process."""
+    import psutil
+
+    from bench.cohort_spark import _cpu
     from bench.duckdb_cohort import connect
 
     protocol = _protocol()
+    python = psutil.Process()
     seconds: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    before = _cpu(python)
     with stopwatch(seconds, "cold"):
         connection = connect(DUCKDB_THREADS)
         rows, attrition = duckdb_extract(lake, protocol, connection)
+    cpu["cold"], before = _cpu(python) - before, _cpu(python)
     with stopwatch(seconds, "warm"):
         warm_rows, warm_attrition = duckdb_extract(lake, protocol, connection)
+    cpu["warm"] = _cpu(python) - before
     if not warm_rows.equals(rows) or warm_attrition != attrition:
         raise EnginesDisagree("DuckDB's warm extraction differs from its cold one")
     pq.write_table(rows, out)
     connection.close()
-    return {"engine": "duckdb", "cold_s": seconds["cold"], "warm_s": seconds["warm"], "attrition": attrition,
+    return {"engine": "duckdb", "cold_s": seconds["cold"], "warm_s": seconds["warm"],
+            "cpu_s": {k: round(v, 3) for k, v in cpu.items()}, "attrition": attrition,
             "rows": rows.num_rows, "load_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -257,7 +276,7 @@ def measure(targets: tuple[int, ...], repeats: int, seed: int, driver_memory: st
                 runs[engine].append(record)
                 print(f"  [{repeat + 1}/{repeats}] {engine:6} " + "  ".join(
                     f"{k} {record[k]:.2f}s" for k in ("start_s", "cold_s", "warm_s") if k in record)
-                    + f"  peak RSS {record['peak_rss_mib']} MiB  load {record['load_1m']}", flush=True)
+                    + f"  CPU {record['cpu_s']}  peak RSS {record['peak_rss_mib']} MiB  load {record['load_1m']}", flush=True)
             compare(pq.read_table(outputs["spark"]), pq.read_table(outputs["duckdb"]),
                     runs["spark"][-1]["attrition"], runs["duckdb"][-1]["attrition"],
                     f"{events:,} event rows, repeat {repeat + 1}")
@@ -280,7 +299,7 @@ def tables_of(data: dict[str, Any], driver_memory: str) -> list[dict[str, Any]]:
         "generate_network(n_sites=1); the event rows are condition_occurrence + drug_exposure + "
         "visit_occurrence + death",
     )
-    time_rows, rss_rows, phase_rows = [], [], []
+    time_rows, cpu_rows, rss_rows, phase_rows = [], [], [], []
     for s in sizes:
         spark, duck = s["runs"]["spark"], s["runs"]["duckdb"]
 
@@ -292,14 +311,20 @@ def tables_of(data: dict[str, Any], driver_memory: str) -> list[dict[str, Any]]:
         time_rows.append([s["event_rows"], med(spark, "start_s"), med(spark, "cold_s"), med(spark, "warm_s"),
                           med(duck, "cold_s"), med(duck, "warm_s"), round(cold_ratio, 2), round(warm_ratio, 2),
                           round((med(spark, "start_s") + med(spark, "cold_s")) / med(duck, "cold_s"), 2)])
+        def cpu(runs: list[dict[str, Any]], key: str) -> float:
+            return _median([float(r["cpu_s"][key]) for r in runs])
+
+        cpu_rows.append([s["event_rows"], cpu(spark, "start"), cpu(spark, "cold"), cpu(spark, "warm"),
+                         cpu(duck, "cold"), cpu(duck, "warm"), round(cpu(spark, "cold") / cpu(duck, "cold"), 2),
+                         round(cpu(spark, "warm") / cpu(duck, "warm"), 2)])
         jvm = _median([r["peak_rss_by_process_mib"].get("java", 0) for r in spark])
         rss_rows.append([s["event_rows"], med(spark, "peak_rss_mib"), jvm, med(duck, "peak_rss_mib")])
         phases = ("read_tables", "build_cohort", "to_arrow")
-        in_jobs = _median([r["cold_time_in_jobs"]["jobs_s"] for r in spark])
+        in_jobs = _median([r["cold_time_in_jobs"].get("jobs_s", float("nan")) for r in spark])
         phase_rows.append([s["event_rows"], *(_median([r["cold_phases_s"][p] for r in spark]) for p in phases),
                            _median([r["cold_jobs"]["jobs"] for r in spark]),
                            _median([r["cold_jobs"]["tasks"] for r in spark]), in_jobs,
-                           med(spark, "cold_jvm_cpu_s"),
+                           cpu(spark, "cold"),
                            *(_median([r["warm_phases_s"][p] for r in spark]) for p in phases)])
     repeats = len(sizes[0]["runs"]["spark"]) if sizes else 0
     return [
@@ -314,16 +339,25 @@ def tables_of(data: dict[str, Any], driver_memory: str) -> list[dict[str, Any]]:
             "DuckDB; start+cold ratio = (Spark start + cold) / DuckDB cold, the first answer of a fresh process",
         ),
         table(
+            "Cohort extraction, CPU seconds (median; robust to a busy machine, unlike wall times)",
+            ["event rows", "spark start", "spark cold", "spark warm", "duckdb cold", "duckdb warm",
+             "cold ratio", "warm ratio"],
+            cpu_rows,
+            "Spark: user + system CPU of the Python process and its JVM; DuckDB: of its Python process "
+            "(DuckDB's threads included); ratios are Spark / DuckDB",
+        ),
+        table(
             "Peak RSS, MiB (process tree of the fresh process, whole run: start, cold and warm)",
             ["event rows", "spark (python + JVM)", "of which JVM", "duckdb (python)"], rss_rows,
         ),
         table(
             "Where Spark's cold extraction goes, seconds (median)",
             ["event rows", "read tables", "build_cohort", "toArrow", "jobs", "tasks", "in jobs",
-             "JVM CPU", "warm read", "warm build", "warm toArrow"],
+             "CPU", "warm read", "warm build", "warm toArrow"],
             phase_rows,
             "read tables: plans + Parquet schema jobs; build_cohort: rule-0 check, entry count, attrition "
-            "(caches the follow-up frame); toArrow: the dataset query; in jobs: wall seconds inside Spark jobs",
+            "(caches the follow-up frame); toArrow: the dataset query; in jobs: wall seconds inside Spark jobs; "
+            "CPU: Python + JVM CPU seconds of the cold extraction",
         ),
     ]
 

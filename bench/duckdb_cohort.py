@@ -104,6 +104,14 @@ def extract(connection: duckdb.DuckDBPyConnection, lake: Path, protocol: StudyPr
     return DuckDBCohort(dataset, attrition)
 
 
+def _one_row(connection: duckdb.DuckDBPyConnection, query: str) -> tuple[object, ...]:
+    """The one row of an aggregate query (fetched to the end, so the connection is free again)."""
+    rows = connection.sql(query).fetchall()
+    if len(rows) != 1:
+        raise RuntimeError(f"bench: expected one row, got {len(rows)} from: {query[:200]}")
+    return tuple(rows[0])
+
+
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -141,7 +149,7 @@ def _check_concept_sets(connection: duckdb.DuckDBPyConnection, protocol: StudyPr
     for source, sql in (("condition", _CONDITIONS), ("drug", _DRUGS)):
         flags = ", ".join(f"bool_or({_match(codes)})" for _, _, codes, where in checked if where == source)
         parts.append(f"(SELECT {flags} FROM ({sql}))")
-    row = connection.execute("SELECT * FROM " + " CROSS JOIN ".join(parts)).fetchone() or ()
+    row = _one_row(connection, "SELECT * FROM " + " CROSS JOIN ".join(parts))
     order = [c for c in checked if c[3] == "condition"] + [c for c in checked if c[3] == "drug"]
     tables = {"condition": "condition_occurrence (condition_source_value)", "drug": "drug_exposure (drug_source_value)"}
     unmatched = [
@@ -236,14 +244,14 @@ def _attrition(
     entry_sql = (
         f"SELECT count(DISTINCT person_id) FROM ({_CONDITIONS}) WHERE {_match(protocol.population.entry)}"
     )
-    n_entry = int((connection.execute(entry_sql).fetchone() or (0,))[0])
+    n_entry = int(_one_row(connection, entry_sql)[0] or 0)
     sums = []
     passed = "true"
     for flag in (None, *_FLAGS):
         if flag is not None:
             passed = f"{passed} AND {flag}"
         sums += [f"sum(CASE WHEN {passed} AND treatment = {arm} THEN 1 ELSE 0 END)" for arm in (1, 0)]
-    counts = [int(v or 0) for v in connection.execute(f"SELECT {', '.join(sums)} FROM followed").fetchone() or ()]
+    counts = [int(v or 0) for v in _one_row(connection, f"SELECT {', '.join(sums)} FROM followed")]
     steps: list[tuple[str, int, int | None, int | None]] = [("entry", n_entry, None, None)]
     for i, step in enumerate(("arm", *(f.removeprefix("ok_") for f in _FLAGS))):
         steps.append((step, counts[2 * i] + counts[2 * i + 1], counts[2 * i], counts[2 * i + 1]))
