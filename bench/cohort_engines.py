@@ -156,6 +156,7 @@ def spark_worker(lake: Path, out: Path, driver_memory: str) -> dict[str, Any]:
         rows, attrition = spark_extract(spark, lake, protocol, cold_phases)
     cpu["cold"] = _cpu(jvm) + _cpu(python) - before
     cold_jobs = _jobs(spark)
+    in_jobs: dict[str, Any]
     try:  # Spark's status store is an internal API
         in_jobs = _time_in_jobs(spark)
     except Exception as error:

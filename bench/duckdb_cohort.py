@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -104,7 +105,7 @@ def extract(connection: duckdb.DuckDBPyConnection, lake: Path, protocol: StudyPr
     return DuckDBCohort(dataset, attrition)
 
 
-def _one_row(connection: duckdb.DuckDBPyConnection, query: str) -> tuple[object, ...]:
+def _one_row(connection: duckdb.DuckDBPyConnection, query: str) -> tuple[Any, ...]:
     """The one row of an aggregate query (fetched to the end, so the connection is free again)."""
     rows = connection.sql(query).fetchall()
     if len(rows) != 1:
