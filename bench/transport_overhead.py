@@ -11,7 +11,7 @@ sends the same size back). The network runs with TLS + SuperNode authentication 
 studies do); a second one with ``insecure=True`` repeats the bare exchanges.
 
     .venv/bin/python bench/transport_overhead.py --quick    # 10 bare exchanges per mode, ~5 min
-    .venv/bin/python bench/transport_overhead.py            # 50, ~20 min on a quiet machine
+    .venv/bin/python bench/transport_overhead.py            # 30 bare exchanges per mode, ~12 min
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ SITES = 3
 ROUND_SIZES = (10_000, 300_000)  # about a Newton round's request; the adjusted round's replies
 PARAMS = {
     "quick": {"exchanges": 10, "exchanges_sized": 3, "exchanges_insecure": 5, "block": 5},
-    "full": {"exchanges": 50, "exchanges_sized": 10, "exchanges_insecure": 25, "block": 5},
+    "full": {"exchanges": 30, "exchanges_sized": 6, "exchanges_insecure": 15, "block": 5},
 }
 
 
