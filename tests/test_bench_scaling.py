@@ -94,6 +94,7 @@ def test_point_figures_from_fake_outputs() -> None:
     assert figures["cohort_s"] == 30.0  # the slowest site
     assert figures["rounds_s"] == 75.5
     assert figures["rounds"] == 3
+    assert (figures["round_1_s"], figures["later_rounds_s"]) == (60.0, 15.5)
     assert figures["sites_analysed"] == 2
     assert figures["dropped"] == []
     assert (figures["bytes_sent"], figures["bytes_received"]) == (4096, 13_312)
