@@ -122,3 +122,16 @@ def test_tables_keep_a_failed_point_and_fit_the_others() -> None:
     assert [t["title"] for t in tables] == ["Time against patients per site", "Fitted slopes (least squares over the points that ran)"]
     assert "exit 137" in format_table(tables[0])
     assert Point(2, 10_000, "512m").patients == 20_000
+
+
+def test_start_timeout_is_put_back() -> None:
+    import flows.simulate
+    from bench.scaling import start_timeout
+
+    rule = flows.simulate.start_timeout_s
+    with start_timeout(300.0):
+        assert flows.simulate.start_timeout_s(2) == 300.0
+        assert flows.simulate.start_timeout_s(50) == rule(50)  # never below the project's rule
+    assert flows.simulate.start_timeout_s is rule
+    with start_timeout(None):
+        assert flows.simulate.start_timeout_s is rule
