@@ -228,7 +228,7 @@ FIT_MODELS = {"n": ("patients per site", "log t = a + b log N", "exponent b"),
 
 def fit_rows(fits: dict[str, dict[str, Fit | None]]) -> list[list[Any]]:
     """One row per fitted series and time."""
-    rows = []
+    rows: list[list[Any]] = []
     for series, by_time in fits.items():
         against, model, meaning = FIT_MODELS[series]
         for key, fit in by_time.items():
@@ -269,28 +269,39 @@ def build_tables(plan: Plan, points: dict[str, list[dict[str, Any]]],
 
 def run(mode: str, plan: Plan | None = None, series: str = "both", out: Path | None = None,
         start_timeout_s: float | None = None) -> Path:
-    """Run the series of ``mode`` (``quick`` or ``full``, or ``plan``); print and write the result."""
+    """Run the series of ``mode`` (``quick`` or ``full``, or ``plan``); print and write the result.
+
+    The result file is written again after every point (``"complete": false`` until the last),
+    so a long run that is stopped keeps the points it measured.
+    """
     plan = plan or PLANS[mode]
     started_machine = machine()
     wanted = series_points(plan, series)
     measured: dict[Point, dict[str, Any]] = {}
+    params: dict[str, Any] = {"series": series, **asdict(plan), "protocol": "studies/ketamine_cud.yaml",
+                              "start_timeout_s": start_timeout_s}
     with tempfile.TemporaryDirectory(prefix="fedrwe-scaling-") as tmp:
         root = (out or Path(tmp)).resolve()
         with start_timeout(start_timeout_s), LocalNetwork(root / "prefect", [], insecure=True) as prefect:
-            prefect_start_s = round(prefect.startup_seconds.get("prefect-server", 0.0), 1)
-            for point in dict.fromkeys(p for points in wanted.values() for p in points):
+            params["prefect_start_s"] = round(prefect.startup_seconds.get("prefect-server", 0.0), 1)
+            todo = list(dict.fromkeys(p for points in wanted.values() for p in points))
+            for i, point in enumerate(todo, start=1):
                 folder = root / point.label
-                print(f"{point.label}: {point.patients:,} CUD patients", flush=True)
+                print(f"point {i}/{len(todo)} {point.label}: {point.patients:,} CUD patients", flush=True)
                 record = measure(point, folder, prefect.prefect_api_url, plan.seed)
                 measured[point] = record | {"load_average_1_5_15": machine()["load_average_1_5_15"]}
-                shown = {k: record[k] for k in ("wall_s", "study_s", "cohort_s", "error") if k in record}
-                print(f"  {shown}", flush=True)
                 if out is None:
                     shutil.rmtree(folder, ignore_errors=True)  # a large point's data is gigabytes
-    points = {s: [measured[p] for p in ps] for s, ps in wanted.items()}
+                if i < len(todo):
+                    write_points(mode, plan, wanted, measured, params | {"complete": False}, started_machine)
+    return write_points(mode, plan, wanted, measured, params | {"complete": True}, started_machine)
+
+
+def write_points(mode: str, plan: Plan, wanted: dict[str, list[Point]], measured: dict[Point, dict[str, Any]],
+                 params: dict[str, Any], started_machine: dict[str, Any]) -> Path:
+    """Print and write the result of the points measured so far."""
+    points = {s: [measured[p] for p in ps if p in measured] for s, ps in wanted.items()}
     fits = {s: series_fits(s, records) for s, records in points.items()}
-    params = {"series": series, **asdict(plan), "protocol": "studies/ketamine_cud.yaml",
-              "prefect_start_s": prefect_start_s, "start_timeout_s": start_timeout_s}
     data = {"points": points,
             "fits": {s: {k: asdict(f) if f else None for k, f in by.items()} for s, by in fits.items()}}
     return write_result(NAME, mode, params, build_tables(plan, points, fits), data, started_machine)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -66,7 +67,7 @@ def test_series_points_share_the_point_both_series_have() -> None:
     assert n_driver_memory(20_001) == "1g"
 
 
-def fake_outputs() -> tuple[dict, dict, dict]:
+def fake_outputs() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     timings = {
         "generate_data_s": 4.5, "start_network_s": 40.0, "study_run_s": 120.0, "total_s": 170.0,
         "cohort_s": {"site_01": 30.0, "site_02": 21.5},
