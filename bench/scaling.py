@@ -234,7 +234,7 @@ def fit_rows(fits: dict[str, dict[str, Fit | None]]) -> list[list[Any]]:
         for key, fit in by_time.items():
             time_name = {"study_s": "study s", "cohort_s": "cohort s (slowest site)"}[key]
             if fit is None:
-                rows.append([against, time_name, model, None, None, None, 0, "fewer than 2 points ran"])
+                rows.append([against, time_name, model, None, None, None, None, "fewer than 2 points ran"])
             else:
                 rows.append([against, time_name, model, round(fit.slope, 3), round(fit.intercept, 3),
                              round(fit.r_squared, 4), fit.points, meaning])
