@@ -31,8 +31,7 @@ import math
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,6 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import flows.simulate  # noqa: E402
 from bench.common import PeakRSS, machine, mib, stopwatch, table, write_result  # noqa: E402
 from coordinator.results import comparison_views  # noqa: E402
 from flows.load import memory_by_kind, rounds_of, run_many_sites  # noqa: E402
@@ -162,7 +160,8 @@ def point_figures(timings: dict[str, Any], results: dict[str, Any], truth: dict[
     }
 
 
-def measure(point: Point, out: Path, prefect_api_url: str, seed: int) -> dict[str, Any]:
+def measure(point: Point, out: Path, prefect_api_url: str, seed: int,
+            start_timeout_s: float | None = None) -> dict[str, Any]:
     """Run one point; its figures, or its error (the run's processes are stopped either way)."""
     record: dict[str, Any] = {"sites": point.sites, "per_site": point.per_site, "patients": point.patients,
                               "driver_memory": point.driver_memory}
@@ -170,7 +169,8 @@ def measure(point: Point, out: Path, prefect_api_url: str, seed: int) -> dict[st
     with PeakRSS() as tree, stopwatch(wall, "wall_s"):
         try:
             run_many_sites(out, sites=point.sites, patients=point.patients, seed=seed,
-                           driver_memory=point.driver_memory, prefect_api_url=prefect_api_url)
+                           driver_memory=point.driver_memory, prefect_api_url=prefect_api_url,
+                           start_timeout_s=start_timeout_s)
         except Exception as error:  # a failed point is a result: recorded, and the others run
             record["error"] = f"{type(error).__name__}: {error}"
     record |= wall
@@ -282,13 +282,13 @@ def run(mode: str, plan: Plan | None = None, series: str = "both", out: Path | N
                               "start_timeout_s": start_timeout_s}
     with tempfile.TemporaryDirectory(prefix="fedrwe-scaling-") as tmp:
         root = (out or Path(tmp)).resolve()
-        with start_timeout(start_timeout_s), LocalNetwork(root / "prefect", [], insecure=True) as prefect:
+        with LocalNetwork(root / "prefect", [], insecure=True) as prefect:
             params["prefect_start_s"] = round(prefect.startup_seconds.get("prefect-server", 0.0), 1)
             todo = list(dict.fromkeys(p for points in wanted.values() for p in points))
             for i, point in enumerate(todo, start=1):
                 folder = root / point.label
                 print(f"point {i}/{len(todo)} {point.label}: {point.patients:,} CUD patients", flush=True)
-                record = measure(point, folder, prefect.prefect_api_url, plan.seed)
+                record = measure(point, folder, prefect.prefect_api_url, plan.seed, start_timeout_s)
                 measured[point] = record | {"load_average_1_5_15": machine()["load_average_1_5_15"]}
                 if out is None:
                     shutil.rmtree(folder, ignore_errors=True)  # a large point's data is gigabytes
@@ -305,26 +305,6 @@ def write_points(mode: str, plan: Plan, wanted: dict[str, list[Point]], measured
     data = {"points": points,
             "fits": {s: {k: asdict(f) if f else None for k, f in by.items()} for s, by in fits.items()}}
     return write_result(NAME, mode, params, build_tables(plan, points, fits), data, started_machine)
-
-
-@contextmanager
-def start_timeout(seconds: float | None) -> Iterator[None]:
-    """Give every process of a point ``seconds`` to become ready (None: the project's rule,
-    ``flows.simulate.start_timeout_s``: 90 s up to 3 sites).
-
-    On a shared, overloaded machine (load average 30 on 2 cores) a site service's JVM can
-    take longer than 90 s to answer its health check. SimulationSettings has no field for
-    this, so the benchmark swaps the rule for the length of the run and puts it back.
-    """
-    if seconds is None:
-        yield
-        return
-    rule = flows.simulate.start_timeout_s
-    flows.simulate.start_timeout_s = lambda sites: max(seconds, rule(sites))
-    try:
-        yield
-    finally:
-        flows.simulate.start_timeout_s = rule
 
 
 def numbers(text: str) -> tuple[int, ...]:

@@ -131,12 +131,12 @@ def compare_estimates(expected: dict[str, Any], actual: dict[str, Any], rtol: fl
 
 def run_many_sites(
     out: Path, *, sites: int, patients: int, seed: int = 7, driver_memory: str = "512m",
-    protocol: Path = DEFAULT_PROTOCOL, prefect_api_url: str | None = None,
+    protocol: Path = DEFAULT_PROTOCOL, prefect_api_url: str | None = None, start_timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """One study over ``sites`` simulated sites (``fedrwe simulate``); its figures."""
     settings = SimulationSettings(
         out=out, sites=sites, patients=patients, seed=seed, protocol=protocol,
-        prefect_api_url=prefect_api_url, spark_driver_memory=driver_memory,
+        prefect_api_url=prefect_api_url, spark_driver_memory=driver_memory, start_timeout_s=start_timeout_s,
     )
     started = time.perf_counter()
     results = run_simulation(settings, console=Console(quiet=True))

@@ -51,6 +51,9 @@ class SimulationSettings(BaseModel):
     prefect_api_url: str | None = Field(default=None, description="Existing Prefect server, if any.")
     spark_master: str = Field(default="local[2]", description="Spark master of every simulated site.")
     spark_driver_memory: str = Field(default="1g", description="Driver (JVM heap) memory per site.")
+    start_timeout_s: float | None = Field(
+        default=None, gt=0, description="Seconds each process may take to start (default: start_timeout_s(sites))."
+    )
     insecure_transport: bool = Field(
         default=False, description="Plain HTTP and no SuperNode authentication (debugging only)."
     )
@@ -228,7 +231,7 @@ def run_simulation(settings: SimulationSettings, console: Console, *, generate: 
     t_start = time.perf_counter()
     with LocalNetwork(
         out / "run", specs, prefect_api_url=settings.prefect_api_url, insecure=settings.insecure_transport,
-        start_timeout_s=start_timeout_s(settings.sites),
+        start_timeout_s=settings.start_timeout_s or start_timeout_s(settings.sites),
     ) as network:
         timings["start_network_s"] = round(time.perf_counter() - t_start, 2)
         timings["process_startup_s"] = {k: round(v, 2) for k, v in network.startup_seconds.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -125,14 +126,13 @@ def test_tables_keep_a_failed_point_and_fit_the_others() -> None:
     assert Point(2, 10_000, "512m").patients == 20_000
 
 
-def test_start_timeout_is_put_back() -> None:
-    import flows.simulate
-    from bench.scaling import start_timeout
+def test_a_simulation_may_give_its_processes_longer_to_start(tmp_path: Path) -> None:
+    """A loaded machine's JVMs can miss the default 90 s; the setting is checked, not patched in."""
+    from pydantic import ValidationError
 
-    rule = flows.simulate.start_timeout_s
-    with start_timeout(300.0):
-        assert flows.simulate.start_timeout_s(2) == 300.0
-        assert flows.simulate.start_timeout_s(50) == rule(50)  # never below the project's rule
-    assert flows.simulate.start_timeout_s is rule
-    with start_timeout(None):
-        assert flows.simulate.start_timeout_s is rule
+    from flows.simulate import SimulationSettings
+
+    assert SimulationSettings(out=tmp_path).start_timeout_s is None  # the rule start_timeout_s(sites)
+    assert SimulationSettings(out=tmp_path, start_timeout_s=300).start_timeout_s == 300
+    with pytest.raises(ValidationError, match="start_timeout_s"):
+        SimulationSettings(out=tmp_path, start_timeout_s=0)
