@@ -16,17 +16,17 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from coordinator.results import software_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -79,13 +79,7 @@ def git_revision() -> str:
 
 def versions() -> dict[str, str]:
     """fedrwe's commit, Python, Java and the packages the figures depend on."""
-    found = {"fedrwe": git_revision(), "python": sys.version.split()[0], "java": java_version()}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    return {"fedrwe": git_revision(), "java": java_version(), **software_versions(PACKAGES)}
 
 
 def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], note: str = "") -> dict[str, Any]:

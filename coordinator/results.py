@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -18,10 +19,11 @@ RESULTS_SCHEMA_VERSION = 1
 _PACKAGES = ("fedrwe", "flwr", "prefect", "pyspark", "deltalake", "numpy", "scipy", "pandas", "pydantic")
 
 
-def software_versions() -> dict[str, str]:
-    """Versions of Python and the packages that shaped the numbers (no imports needed)."""
+def software_versions(packages: Sequence[str] = _PACKAGES) -> dict[str, str]:
+    """Versions of Python and ``packages`` (default: those that shaped the study's numbers),
+    read from their metadata without importing them."""
     versions = {"python": platform.python_version()}
-    for name in _PACKAGES:
+    for name in packages:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -26,7 +26,7 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from coordinator.flower_server import FlowerTransport
-from shared.errors import TransportError
+from flows.ping import required_out_dir
 
 RESULT_FILE = "exchange_bench.json"
 DEFAULT_EXCHANGES = 20
@@ -117,12 +117,7 @@ def run_exchange_bench(transport: FlowerTransport, run_config: dict[str, Any]) -
     Raises:
         TransportError: run config ``out-dir`` is empty, or an exchange got no reply.
     """
-    out_dir = str(run_config.get("out-dir", ""))
-    if not out_dir:
-        raise TransportError(
-            "flows.bench_exchange needs run config `out-dir` (where exchange_bench.json goes). "
-            "Fix: pass --run-config \"out-dir='/path/to/out'\"."
-        )
+    out_dir = required_out_dir(run_config, "flows.bench_exchange", "exchange_bench.json")
     sizes = [int(s) for s in str(run_config.get("bench-sizes", "0")).split(",") if s.strip()]
     exchanges = int(run_config.get("bench-exchanges", DEFAULT_EXCHANGES))
     sized = int(run_config.get("bench-exchanges-sized", exchanges))

@@ -62,17 +62,23 @@ def ping_flow(transport: FlowerTransport, out_dir: str, timeout_s: float) -> dic
     return result
 
 
+def required_out_dir(run_config: dict[str, Any], entrypoint: str, writes: str) -> str:
+    """The run config's ``out-dir``; a ``TransportError`` naming ``entrypoint`` and the fix if empty."""
+    out_dir = str(run_config.get("out-dir", ""))
+    if not out_dir:
+        raise TransportError(
+            f"{entrypoint} needs run config `out-dir` (where {writes} goes). "
+            "Fix: pass --run-config \"out-dir='/path/to/out'\"."
+        )
+    return out_dir
+
+
 def run_ping(transport: FlowerTransport, run_config: dict[str, Any]) -> dict[str, Any]:
     """ServerApp entrypoint: run the ``fedrwe-ping`` flow with settings from the run config.
 
     Raises:
         TransportError: run config ``out-dir`` is empty, or a round failed after retries.
     """
-    out_dir = str(run_config.get("out-dir", ""))
-    if not out_dir:
-        raise TransportError(
-            "flows.ping needs run config `out-dir` (where ping.json goes). "
-            "Fix: pass --run-config \"out-dir='/path/to/out'\"."
-        )
+    out_dir = required_out_dir(run_config, "flows.ping", "ping.json")
     timeout_s = float(run_config.get("ping-timeout-s", DEFAULT_ROUND_TIMEOUT_S))
     return ping_flow(transport, out_dir, timeout_s)
