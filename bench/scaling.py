@@ -284,15 +284,15 @@ def run(mode: str, plan: Plan | None = None, series: str = "both", out: Path | N
         root = (out or Path(tmp)).resolve()
         with LocalNetwork(root / "prefect", [], insecure=True) as prefect:
             params["prefect_start_s"] = round(prefect.startup_seconds.get("prefect-server", 0.0), 1)
-            todo = list(dict.fromkeys(p for points in wanted.values() for p in points))
-            for i, point in enumerate(todo, start=1):
+            pending = list(dict.fromkeys(p for points in wanted.values() for p in points))
+            for i, point in enumerate(pending, start=1):
                 folder = root / point.label
-                print(f"point {i}/{len(todo)} {point.label}: {point.patients:,} CUD patients", flush=True)
+                print(f"point {i}/{len(pending)} {point.label}: {point.patients:,} CUD patients", flush=True)
                 record = measure(point, folder, prefect.prefect_api_url, plan.seed, start_timeout_s)
                 measured[point] = record | {"load_average_1_5_15": machine()["load_average_1_5_15"]}
                 if out is None:
                     shutil.rmtree(folder, ignore_errors=True)  # a large point's data is gigabytes
-                if i < len(todo):
+                if i < len(pending):
                     write_points(mode, plan, wanted, measured, params | {"complete": False}, started_machine)
     return write_points(mode, plan, wanted, measured, params | {"complete": True}, started_machine)
 
