@@ -1,7 +1,7 @@
 # fedrwe: two commands on a fresh machine.
 #   make demo   set up, then run the 3-site simulated study (results + report in out/demo)
 #   make test   set up, then run the test suite (unit, federated-equals-pooled, integration)
-#   make bench  quick benchmarks (minutes); make bench-full the full ones (docs/benchmarks.md)
+#   make bench  quick benchmarks (~20 min); make bench-full the full ones (~50 min, docs/benchmarks.md)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
