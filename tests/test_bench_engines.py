@@ -23,7 +23,6 @@ from shared.synthetic import generate_network, site_lake
 REFERENCE = Path(__file__).resolve().parents[1] / "studies" / "ketamine_cud.yaml"
 
 
-@pytest.mark.slow  # one tiny Spark build, but the default suite is at its time budget
 def test_duckdb_cohort_equals_spark_cohort(spark: SparkSession, tmp_path: Path) -> None:
     protocol = load_protocol(REFERENCE)
     generate_network(tmp_path, n_sites=1, n_patients=300, seed=5)
